@@ -1,0 +1,103 @@
+"""Input Gram matrices XᵀX of target modules, accumulated over calibration batches.
+
+Modules fed the very same input tensor (q/k/v, gate/up) share one Gram. Each batch's
+XᵀX is formed in float32 by BLAS ``syrk`` (half the work of a matmul) and summed in a
+float64 accumulator; activations are never all held in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.linalg import blas
+from torch import nn
+
+
+@dataclass
+class Gram:
+    """XᵀX over ``tokens`` input rows, shared by the modules in ``modules``."""
+
+    modules: list[str]
+    dim: int
+    tokens: int = 0
+    _upper: np.ndarray | None = field(default=None, repr=False)
+
+    _device_sum: torch.Tensor | None = field(default=None, repr=False)
+
+    def add(self, x: torch.Tensor) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        self.tokens += rows.shape[0]
+        if rows.device.type != "cpu":
+            # On an accelerator a full float32 matmul is cheap; keep the sum there in float64.
+            product = (rows.T @ rows).to(torch.float64)
+            self._device_sum = product if self._device_sum is None else self._device_sum + product
+            return
+        if self._upper is None:
+            self._upper = np.zeros((self.dim, self.dim), dtype=np.float64, order="F")
+        self._upper += blas.ssyrk(1.0, rows.numpy(), trans=1, lower=0)
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """The full symmetric XᵀX, float64, on the CPU."""
+        total = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        if self._upper is not None:
+            upper = np.triu(self._upper)
+            total += torch.from_numpy(upper + np.triu(upper, 1).T)
+        if self._device_sum is not None:
+            total += self._device_sum.cpu()
+        return total
+
+
+class GramCollector:
+    """Forward pre-hooks that accumulate the Gram of each module's input.
+
+    Use as ``with GramCollector(modules) as collector: run forward passes``; hooks are
+    removed on exit whatever happens. ``collector.grams`` maps module name → its Gram.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module]):
+        self.modules = dict(modules)
+        self.grams: dict[str, Gram] = {}
+        self._recent: list[tuple[torch.Tensor, Gram]] = []
+        self._handles: list = []
+
+    def __enter__(self) -> "GramCollector":
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._recent.clear()
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            gram = self.grams.get(name)
+            if gram is None:
+                gram = next((g for seen, g in self._recent if seen is x), None)
+                if gram is None:
+                    gram = Gram(modules=[name], dim=x.shape[-1])
+                else:
+                    gram.modules.append(name)
+                self.grams[name] = gram
+            if gram.modules[0] == name:
+                gram.add(x)
+                # Keep the tensor alive briefly, so that an identical input seen next is
+                # recognized by identity rather than by a reusable id().
+                self._recent = [(x, gram), *self._recent[:3]]
+
+        return hook
+
+    def unique(self) -> Iterator[Gram]:
+        seen: set[int] = set()
+        for gram in self.grams.values():
+            if id(gram) not in seen:
+                seen.add(id(gram))
+                yield gram
+

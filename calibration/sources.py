@@ -1,0 +1,174 @@
+"""``--calib SPEC`` → a [N, L] tensor of token ids, recorded with where it came from.
+
+SPEC is a ``.txt`` file, a ``.jsonl`` file with a "text" field, ``hf:NAME[:CONFIG[:SPLIT]]``,
+or ``self`` (text the model samples from its BOS token, so that no data is needed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from compressor.errors import InvalidInputError, UsageError
+from compressor.progress import track
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CalibrationInfo:
+    spec: str
+    samples: int
+    seq_len: int
+    seed: int
+    tokens: int
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class CalibrationSet:
+    input_ids: torch.Tensor  # [samples, seq_len], int64
+    info: CalibrationInfo
+
+    def batches(self, batch_size: int) -> list[torch.Tensor]:
+        return list(self.input_ids.split(batch_size))
+
+
+def check_sizes(samples: int, seq_len: int) -> None:
+    if samples < 1:
+        raise UsageError(f"--calib-samples must be at least 1, got {samples}")
+    if seq_len < 2:
+        raise UsageError(f"--seq-len must be at least 2, got {seq_len}")
+
+
+def load_calibration(
+    spec: str, tokenizer, model=None, *, samples: int = 64, seq_len: int = 512, seed: int = 0
+) -> CalibrationSet:
+    check_sizes(samples, seq_len)
+    if spec == "self":
+        if model is None:
+            raise UsageError("--calib self needs the model to generate from")
+        return _self_generated(model, tokenizer, samples, seq_len, seed)
+    if spec.startswith("hf:"):
+        text = _hf_text(spec)
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise InvalidInputError(f"calibration file not found: {spec}")
+        if path.suffix.lower() == ".jsonl":
+            text = _jsonl_text(path)
+        elif path.suffix.lower() == ".txt":
+            text = _read_text(path)
+        else:
+            raise UsageError(f"unknown calibration source {spec!r}: use a .txt or .jsonl file, hf:NAME, or self")
+    ids = tokenize_text(tokenizer, text)
+    return _random_windows(ids, spec, samples, seq_len, seed)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidInputError(f"cannot read {path}: {e}") from e
+
+
+def _jsonl_text(path: Path) -> str:
+    texts = []
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InvalidInputError(f"{path}:{number}: not valid JSON ({e.msg})") from e
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise InvalidInputError(f'{path}:{number}: each line needs a string "text" field')
+        texts.append(record["text"])
+    return "\n\n".join(texts)
+
+
+def _hf_text(spec: str) -> str:
+    parts = spec[3:].split(":")
+    if not parts[0] or len(parts) > 3:
+        raise UsageError(f"bad dataset spec {spec!r}: use hf:NAME[:CONFIG[:SPLIT]]")
+    name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), (
+        parts[2] if len(parts) > 2 else "train"
+    )
+    try:
+        import datasets
+    except ImportError as e:
+        raise InvalidInputError("hf: calibration needs the datasets package: pip install 'compress-llm[hf]'") from e
+    try:
+        data = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # datasets raises many unrelated types for a missing network or name
+        raise InvalidInputError(f"cannot load dataset {spec!r} (is the network reachable?): {e}") from e
+    if "text" not in data.column_names:
+        raise InvalidInputError(f"dataset {spec!r} has no 'text' column (columns: {data.column_names})")
+    return "\n\n".join(t for t in data["text"] if t)
+
+
+def tokenize_text(tokenizer, text: str) -> torch.Tensor:
+    """The whole text, tokenized once, without special tokens."""
+    if not text.strip():
+        raise InvalidInputError("the text is empty")
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def _random_windows(ids: torch.Tensor, spec: str, samples: int, seq_len: int, seed: int) -> CalibrationSet:
+    available = ids.numel() // seq_len
+    if available < samples:
+        raise InvalidInputError(
+            f"{spec} holds {ids.numel()} tokens: {available} windows of {seq_len}, fewer than the "
+            f"{samples} asked for; lower --calib-samples or --seq-len"
+        )
+    windows = ids[: available * seq_len].view(available, seq_len)
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(available, generator=generator)[:samples].sort().values
+    info = CalibrationInfo(spec=spec, samples=samples, seq_len=seq_len, seed=seed, tokens=samples * seq_len)
+    return CalibrationSet(windows[chosen].clone(), info)
+
+
+def _self_generated(model, tokenizer, samples: int, seq_len: int, seed: int) -> CalibrationSet:
+    """Sample ``samples`` sequences of ``seq_len`` tokens from the model itself, starting at BOS."""
+    info = CalibrationInfo(spec="self", samples=samples, seq_len=seq_len, seed=seed, tokens=samples * seq_len)
+    generator = torch.Generator().manual_seed(seed)
+    can_generate = hasattr(model, "generate") and getattr(model, "can_generate", lambda: False)()
+    if not can_generate:
+        vocab = model.get_input_embeddings().num_embeddings
+        log.warning("%s cannot generate text; --calib self uses random tokens", type(model).__name__)
+        ids = torch.randint(0, vocab, (samples, seq_len), generator=generator)
+        return CalibrationSet(ids, CalibrationInfo(**{**info.to_dict(), "note": "random tokens (model cannot generate)"}))
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise InvalidInputError("--calib self needs a BOS or EOS token to start from; pass --calib FILE")
+    batch = 16
+    chunks = []
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for first in track(range(0, samples, batch), description="generating calibration text"):
+            n = min(batch, samples - first)
+            prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
+            with torch.inference_mode():
+                out = model.generate(
+                    prompt,
+                    attention_mask=torch.ones_like(prompt),
+                    do_sample=True,
+                    top_p=0.95,
+                    temperature=1.0,
+                    top_k=0,
+                    max_new_tokens=seq_len - 1,
+                    min_new_tokens=seq_len - 1,
+                    pad_token_id=start,
+                )
+            chunks.append(out[:, :seq_len].cpu())
+    ids = torch.cat(chunks)
+    note = "sampled from BOS: top_p=0.95, temperature=1.0"
+    return CalibrationSet(ids, CalibrationInfo(**{**info.to_dict(), "note": note}))

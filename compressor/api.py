@@ -1,0 +1,188 @@
+"""The Python API: what the CLI calls, usable on its own."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from compressor import __version__
+from compressor.analysis import Analysis, analyze_grams, analyze_module, summarize
+from compressor.calibration.sources import CalibrationSet, load_calibration, tokenize_text
+from compressor.errors import InvalidInputError, UsageError
+from compressor.evaluate import PerplexityResult, perplexity
+from compressor.loading import LoadedModel, load_model
+from compressor.pipeline import collect_grams_whole_model, iterate_blocks
+from compressor.progress import track
+from compressor.targets import Target, select_targets
+
+CALIBRATION_BATCH = 8
+
+
+def _loaded(model: LoadedModel | str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    return model if isinstance(model, LoadedModel) else load_model(model, dtype)
+
+
+def targets_of(loaded: LoadedModel, include: list[str] | None = None, exclude: list[str] | None = None) -> list[Target]:
+    targets = select_targets(loaded.model, include, exclude)
+    if not targets:
+        raise UsageError("no target modules: the --include/--exclude patterns match no linear layer")
+    return targets
+
+
+def read_text_file(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f"data file not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidInputError(f"cannot read {path}: {e}") from e
+
+
+def evaluate(
+    model: LoadedModel | str,
+    data: str | Path,
+    *,
+    seq_len: int = 512,
+    max_windows: int | None = None,
+    batch_size: int = 4,
+) -> PerplexityResult:
+    """Perplexity of a causal LM on a text file by the project's protocol."""
+    loaded = _loaded(model)
+    if not loaded.is_causal_lm:
+        raise InvalidInputError(f"{loaded.source} is not a causal language model; perplexity needs one")
+    ids = tokenize_text(loaded.tokenizer, read_text_file(data))
+    return perplexity(loaded.model, ids, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size)
+
+
+def calibrate(
+    loaded: LoadedModel, spec: str = "self", *, samples: int = 64, seq_len: int = 512, seed: int = 0
+) -> CalibrationSet:
+    return load_calibration(spec, loaded.tokenizer, loaded.model, samples=samples, seq_len=seq_len, seed=seed)
+
+
+@dataclass
+class AnalyzeResult:
+    analysis: Analysis
+    source: str
+    calibration: dict | None
+    seconds: float
+
+    def to_json(self) -> dict:
+        a = self.analysis
+        return {
+            "tool": f"compress {__version__}",
+            "model": self.source,
+            "calibration": self.calibration,
+            "welore": {"target": a.welore_target, "threshold": a.welore_threshold},
+            "cost_curve": {
+                "basis": a.cost_basis,
+                "points": [vars(p) for p in a.cost_curve],
+            },
+            "seconds": round(self.seconds, 2),
+            "modules": {m.name: m.to_dict() for m in a.modules},
+        }
+
+
+def analyze(
+    model: LoadedModel | str,
+    *,
+    calibration: CalibrationSet | None = None,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    welore_target: float = 0.5,
+) -> AnalyzeResult:
+    """Spectra of every target; with calibration, also of the activation-whitened weights."""
+    start = time.perf_counter()
+    loaded = _loaded(model)
+    targets = targets_of(loaded, include, exclude)
+    if calibration is None:
+        modules = [analyze_module(t) for t in track(targets, description="spectra")]
+    else:
+        batches = calibration.batches(CALIBRATION_BATCH)
+        if all(t.block_index is not None for t in targets):
+            modules = []
+            for step in iterate_blocks(loaded.model, batches, targets, description="calibrating blocks"):
+                modules.extend(analyze_grams(step.targets, step.collect_grams()))
+        else:
+            grams = collect_grams_whole_model(loaded.model, batches, targets)
+            modules = analyze_grams(targets, grams)
+    analysis = summarize(modules, welore_target)
+    info = calibration.info.to_dict() if calibration is not None else None
+    return AnalyzeResult(analysis, loaded.source, info, time.perf_counter() - start)
+
+
+@dataclass
+class FactorizeResult:
+    outcome: "FactorizeOutcome"  # noqa: F821
+    source: str
+    calibration: dict | None
+    output: Path | None
+    file_bytes: int | None
+    seconds: float
+
+    def to_json(self) -> dict:
+        o = self.outcome
+        return {
+            "tool": f"compress {__version__}",
+            "model": self.source,
+            "calibration": self.calibration,
+            "output": str(self.output) if self.output else None,
+            "kept_fraction": o.plan.kept_fraction,
+            "model_fraction": o.model_fraction,
+            "model_params_before": o.model_params_before,
+            "model_params_after": o.model_params_after,
+            "file_bytes": self.file_bytes,
+            "seconds": round(self.seconds, 2),
+            "plan": o.plan.to_dict(),
+        }
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def factorize(
+    model: LoadedModel | str,
+    options: "FactorizeOptions",  # noqa: F821
+    *,
+    calib: str = "self",
+    calib_samples: int = 64,
+    seq_len: int = 512,
+    seed: int = 0,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    output: str | Path | None = None,
+    overwrite: bool = False,
+) -> FactorizeResult:
+    """Factor every target of ``model``; write the factored checkpoint to ``output`` unless None."""
+    from compressor.factorize import factorize_model
+    from compressor.formats.factored import save_factored
+
+    start = time.perf_counter()
+    options.validate()
+    loaded = _loaded(model)
+    targets = targets_of(loaded, include, exclude)
+    calibration = None
+    if options.needs_calibration:
+        calibration = calibrate(loaded, calib, samples=calib_samples, seq_len=seq_len, seed=seed)
+    outcome = factorize_model(loaded.model, targets, options, calibration, dry_run=output is None)
+    info = calibration.info.to_dict() if calibration is not None else None
+    file_bytes = None
+    if output is not None:
+        metadata = {
+            "method": options.method,
+            "alloc": options.alloc,
+            "sequential": options.sequential,
+            "target": options.target,
+            "kept_fraction": outcome.plan.kept_fraction,
+            "calibration": info,
+            "source": loaded.source,
+            "tool": f"compress {__version__}",
+        }
+        output = save_factored(loaded.model, loaded.tokenizer, Path(output), metadata, overwrite=overwrite)
+        file_bytes = folder_bytes(Path(output))
+    return FactorizeResult(outcome, loaded.source, info, Path(output) if output else None, file_bytes, time.perf_counter() - start)

@@ -1,0 +1,285 @@
+"""The ``compress`` command line: parse, call the API, render, map errors to exit codes."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Annotated, Optional, TypeVar
+
+import click
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from compressor import __version__
+from compressor.errors import EXIT_INTERRUPTED, CompressError, OutOfResourcesError, UsageError
+from compressor.progress import reporting_to
+
+T = TypeVar("T")
+EXIT_INTERNAL = 70
+
+app = typer.Typer(
+    name="compress",
+    help="Compress Hugging Face language models: analyze spectra, factorize, compensate, check.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+_state = {"debug": os.environ.get("COMPRESS_DEBUG", "") not in ("", "0")}
+
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        metavar="MODEL",
+        help="A model folder (safetensors), a .gguf file, a Hugging Face hub id, or the alias smollm2-135m.",
+        show_default=False,
+    ),
+]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights dtype: float32, bfloat16 or float16.")]
+SeqLenOpt = Annotated[int, typer.Option("--seq-len", min=2, help="Tokens per window.")]
+JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON to this path.")]
+CalibOpt = Annotated[
+    str,
+    typer.Option(
+        "--calib",
+        help="Calibration: a .txt or .jsonl file, hf:NAME[:CONFIG[:SPLIT]], self (text the model "
+        "generates), or none (weights only).",
+    ),
+]
+CalibSamplesOpt = Annotated[int, typer.Option("--calib-samples", min=1, help="Calibration windows.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for every random choice.")]
+IncludeOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--include", help="Glob over module names to target (repeatable); default: the linear layers of the blocks."),
+]
+ExcludeOpt = Annotated[
+    Optional[list[str]], typer.Option("--exclude", help="Glob over module names to leave alone (repeatable).")
+]
+
+
+class RichProgressSink:
+    """Renders the library's progress reports as rich progress bars on stderr."""
+
+    def __init__(self, console: Console):
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+
+    def __enter__(self) -> "RichProgressSink":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def track(self, items: Iterable[T], total: int | None, description: str) -> Iterator[T]:
+        task = self.progress.add_task(description, total=total)
+        for item in items:
+            yield item
+            self.progress.advance(task)
+
+
+def _progress() -> RichProgressSink:
+    return RichProgressSink(err)
+
+
+def _quiet_libraries() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=err, show_path=False)])
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        out.print(f"compress {__version__}")
+        raise typer.Exit(0)
+    if debug:
+        _state["debug"] = True
+    _quiet_libraries()
+
+
+def _load(model: str, dtype: str):
+    from compressor.loading import load_model, parse_dtype
+
+    torch_dtype = parse_dtype(dtype)
+    with err.status(f"loading {model}"):
+        return load_model(model, torch_dtype)
+
+
+@app.command("eval")
+def eval_command(
+    model: ModelArg,
+    data: Annotated[Path, typer.Option("--data", help="A text file, read whole (e.g. wikitext2-raw-test.txt).")],
+    seq_len: SeqLenOpt = 512,
+    max_windows: Annotated[Optional[int], typer.Option("--max-windows", min=1, help="Evaluate only the first N windows.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.")] = 4,
+    json_path: JsonOpt = None,
+    dtype: DtypeOpt = "float32",
+) -> None:
+    """Perplexity on a text file: the whole file tokenized once, consecutive windows from the start."""
+    from compressor import api
+    from compressor.report import write_json
+
+    loaded = _load(model, dtype)
+    with _progress():
+        result = api.evaluate(loaded, data, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size)
+    out.print(
+        f"perplexity [bold]{result.perplexity:.4f}[/] on {data} "
+        f"({result.windows} windows × {result.seq_len} tokens, {result.tokens} predicted, {result.seconds:.1f} s)"
+    )
+    if json_path:
+        write_json(json_path, {"model": loaded.source, "data": str(data), "dtype": dtype, **result.to_dict()})
+
+
+@app.command("analyze")
+def analyze_command(
+    model: ModelArg,
+    calib: CalibOpt = "self",
+    calib_samples: CalibSamplesOpt = 64,
+    seq_len: SeqLenOpt = 512,
+    seed: SeedOpt = 0,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    welore_target: Annotated[
+        float, typer.Option("--welore-target", help="Kept parameter fraction at which WeLore ranks are reported.")
+    ] = 0.5,
+    json_path: JsonOpt = None,
+    plots: Annotated[Optional[Path], typer.Option("--plots", help="Write PNG plots into this folder.")] = None,
+    dtype: DtypeOpt = "float32",
+) -> None:
+    """Singular-value spectra of every target layer, plain and activation-whitened, and predicted costs."""
+    from compressor import api
+    from compressor.calibration.sources import check_sizes
+    from compressor.math.allocate import check_target
+    from compressor.report import analysis_plots, analysis_table, write_json
+
+    check_target(welore_target)
+    check_sizes(calib_samples, seq_len)
+    loaded = _load(model, dtype)
+    with _progress():
+        calibration = None
+        if calib != "none":
+            calibration = api.calibrate(loaded, calib, samples=calib_samples, seq_len=seq_len, seed=seed)
+        result = api.analyze(
+            loaded, calibration=calibration, include=include, exclude=exclude, welore_target=welore_target
+        )
+    analysis_table(result.analysis, out)
+    used = "none (weights only)" if calibration is None else f"{calibration.info.spec} ({calibration.info.tokens} tokens)"
+    out.print(f"{len(result.analysis.modules)} modules analyzed in {result.seconds:.1f} s; calibration: {used}")
+    if json_path:
+        write_json(json_path, result.to_json())
+        out.print(f"wrote {json_path}")
+    if plots:
+        for path in analysis_plots(result.analysis, plots):
+            out.print(f"wrote {path}")
+
+
+@app.command("factorize")
+def factorize_command(
+    model: ModelArg,
+    target: Annotated[float, typer.Option("--target", help="Kept fraction of the targeted layers' parameters, 0 < R ≤ 1.")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Folder to write the factored checkpoint to.")] = None,
+    calib: CalibOpt = "self",
+    calib_samples: CalibSamplesOpt = 64,
+    seq_len: SeqLenOpt = 512,
+    seed: SeedOpt = 0,
+    method: Annotated[str, typer.Option("--method", help="whiten (activation-aware) or svd (plain).")] = "whiten",
+    alloc: Annotated[str, typer.Option("--alloc", help="Rank allocation: global, uniform or welore.")] = "global",
+    sequential: Annotated[bool, typer.Option("--sequential", help="Whiten each block on the factored blocks' outputs.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the rank plan and sizes; write nothing.")] = False,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    json_path: JsonOpt = None,
+    dtype: DtypeOpt = "float32",
+) -> None:
+    """Low-rank factorization W ≈ B·A of every target, ranks chosen to meet --target exactly."""
+    from compressor import api
+    from compressor.calibration.sources import check_sizes
+    from compressor.factorize import FactorizeOptions
+    from compressor.report import factorize_summary, write_json
+
+    options = FactorizeOptions(target=target, method=method, alloc=alloc, sequential=sequential)
+    options.validate()
+    check_sizes(calib_samples, seq_len)
+    if output is None and not dry_run:
+        raise UsageError("give an output folder with -o, or --dry-run")
+    if output is not None and not dry_run and output.exists() and any(output.iterdir()) and not overwrite:
+        raise UsageError(f"{output} exists and is not empty; pass --overwrite to replace it")
+    loaded = _load(model, dtype)
+    with _progress():
+        result = api.factorize(
+            loaded,
+            options,
+            calib=calib,
+            calib_samples=calib_samples,
+            seq_len=seq_len,
+            seed=seed,
+            include=include,
+            exclude=exclude,
+            output=None if dry_run else output,
+            overwrite=overwrite,
+        )
+    factorize_summary(result, out)
+    if json_path:
+        write_json(json_path, result.to_json())
+
+
+def _fail(message: str, code: int) -> int:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    if _state["debug"]:
+        err.print(traceback.format_exc(), highlight=False, markup=False)
+    return code
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code instead of exiting."""
+    import torch
+
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=argv, prog_name="compress", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.ClickException as e:
+        e.show(file=sys.stderr)
+        return 2 if isinstance(e, click.exceptions.UsageError) else e.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        return _fail("interrupted", EXIT_INTERRUPTED)
+    except UsageError as e:
+        return _fail(f"{e} (see compress --help)", e.exit_code)
+    except CompressError as e:
+        return _fail(str(e), e.exit_code)
+    except (MemoryError, torch.OutOfMemoryError):
+        return _fail("out of memory; try a smaller --batch-size, --calib-samples or --seq-len", OutOfResourcesError.exit_code)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return _fail(f"out of disk space: {e}", OutOfResourcesError.exit_code)
+        return _fail(f"internal error: {e} (run with --debug for the traceback)", EXIT_INTERNAL)
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        return _fail(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", EXIT_INTERNAL)
+
+
+def main() -> None:
+    sys.exit(run())

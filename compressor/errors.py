@@ -1,0 +1,40 @@
+"""One exception class per exit code. Library code raises these; only the CLI prints."""
+
+from __future__ import annotations
+
+
+class CompressError(Exception):
+    """Base class: every error the tool reports to a user on one line."""
+
+    exit_code: int = 1
+
+
+class QualityCheckFailed(CompressError):
+    exit_code = 1
+
+
+class UsageError(CompressError):
+    """A flag or value that cannot be right whatever the input files hold."""
+
+    exit_code = 2
+
+
+class InvalidInputError(CompressError):
+    """A missing, unreadable or corrupt model, dataset or calibration source."""
+
+    exit_code = 3
+
+
+class NumericalError(CompressError):
+    """NaN/Inf or a decomposition that cannot be made sound."""
+
+    exit_code = 4
+
+
+class OutOfResourcesError(CompressError):
+    """Memory or disk ran out."""
+
+    exit_code = 5
+
+
+EXIT_INTERRUPTED = 130

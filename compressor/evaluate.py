@@ -1,0 +1,74 @@
+"""Perplexity by the project's protocol, and agreement between two models."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from compressor.errors import InvalidInputError, NumericalError, UsageError
+from compressor.progress import track
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float
+    nll: float  # mean negative log-likelihood per predicted token, nats
+    tokens: int  # predicted tokens: windows × (seq_len − 1)
+    windows: int
+    seq_len: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None) -> torch.Tensor:
+    """Consecutive non-overlapping windows of ``seq_len`` tokens from the start."""
+    if seq_len < 2:
+        raise UsageError(f"--seq-len must be at least 2, got {seq_len}")
+    if max_windows is not None and max_windows < 1:
+        raise UsageError(f"--max-windows must be at least 1, got {max_windows}")
+    available = ids.numel() // seq_len
+    if available == 0:
+        raise InvalidInputError(f"the text holds {ids.numel()} tokens, fewer than one window of {seq_len}")
+    n = available if max_windows is None else min(max_windows, available)
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+@torch.inference_mode()
+def window_nll(model, windows: torch.Tensor) -> torch.Tensor:
+    """Summed NLL of tokens 2..L of each window, float64, one value per window."""
+    device = next(model.parameters()).device
+    logits = model(input_ids=windows.to(device), use_cache=False).logits[:, :-1]
+    labels = windows[:, 1:].to(device)
+    nll = F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
+    return nll.double().sum(dim=1).cpu()
+
+
+def perplexity(
+    model, ids: torch.Tensor, *, seq_len: int = 512, max_windows: int | None = None, batch_size: int = 4
+) -> PerplexityResult:
+    """Perplexity over the first windows of a token stream (the whole text tokenized once)."""
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    windows = eval_windows(ids, seq_len, max_windows)
+    start = time.perf_counter()
+    total = 0.0
+    for batch in track(windows.split(batch_size), description="evaluating"):
+        total += float(window_nll(model, batch).sum())
+    tokens = windows.shape[0] * (seq_len - 1)
+    nll = total / tokens
+    if not math.isfinite(nll):
+        raise NumericalError("the model produced non-finite log-likelihoods")
+    return PerplexityResult(
+        perplexity=math.exp(nll),
+        nll=nll,
+        tokens=tokens,
+        windows=windows.shape[0],
+        seq_len=seq_len,
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,61 @@
+"""Singular-value spectra, plain and activation-whitened, and the ranks read off them."""
+
+from __future__ import annotations
+
+import torch
+
+from compressor.errors import NumericalError
+
+
+def _check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
+    if not torch.isfinite(t).all():
+        raise NumericalError(f"{what} contains NaN or Inf")
+    return t
+
+
+def singular_values(weight: torch.Tensor) -> torch.Tensor:
+    """Singular values of an (out, in) weight, descending, float64."""
+    w = _check_finite(weight.detach().to(torch.float64), "weight")
+    return torch.linalg.svdvals(w)
+
+
+def gram_root(gram: torch.Tensor) -> torch.Tensor:
+    """S with S·Sᵀ = XᵀX, from an eigendecomposition with negative eigenvalues floored at 0.
+
+    Unlike a Cholesky factor this exists for rank-deficient and slightly indefinite Grams
+    (eigenvalue ratios of 1e-8 occur in real models), so it never fails.
+    """
+    g = _check_finite(gram.to(torch.float64), "Gram matrix")
+    g = (g + g.T) / 2
+    eigvals, eigvecs = torch.linalg.eigh(g)
+    return eigvecs * eigvals.clamp_min(0).sqrt()
+
+
+def whitened_singular_values(weight: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+    """Singular values of W·S: their squares sum to ‖W·Xᵀ‖² for the calibration inputs X."""
+    w = _check_finite(weight.detach().to(torch.float64), "weight")
+    return torch.linalg.svdvals(w @ root)
+
+
+def energy_rank(sv: torch.Tensor, fraction: float) -> int:
+    """Smallest k whose top-k singular values hold ``fraction`` of Σσ²."""
+    energy = sv.to(torch.float64) ** 2
+    total = energy.sum()
+    if total <= 0:
+        return 0
+    cumulative = torch.cumsum(energy, 0) / total
+    return int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=torch.float64) - 1e-12).item()) + 1
+
+
+def stable_rank(sv: torch.Tensor) -> float:
+    """‖W‖_F² / ‖W‖_2²."""
+    if sv.numel() == 0 or sv[0] <= 0:
+        return 0.0
+    return float((sv**2).sum() / sv[0] ** 2)
+
+
+def welore_rank(sv: torch.Tensor, threshold: float) -> int:
+    """WeLore's rank: how many singular values, normalized by the largest, reach ``threshold``."""
+    if sv.numel() == 0 or sv[0] <= 0:
+        return 0
+    return int((sv / sv[0] >= threshold).sum().item())

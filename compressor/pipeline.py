@@ -1,0 +1,125 @@
+"""The layer loop shared by analyze, factorize and compensate.
+
+The first block's inputs are captured once (a pre-hook that stops the forward pass), then
+the blocks run one at a time on the cached inputs; each block's outputs become the next
+block's inputs. A caller may change a block between collecting its statistics and running
+it forward, which is what sequential mode does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compressor.calibration.grams import GramCollector
+from compressor.progress import track
+from compressor.targets import Target, find_blocks
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class BlockInput:
+    args: tuple
+    kwargs: dict
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.args[0] if self.args else self.kwargs["hidden_states"]
+
+    def with_hidden(self, hidden: torch.Tensor) -> "BlockInput":
+        if self.args:
+            return BlockInput((hidden, *self.args[1:]), self.kwargs)
+        return BlockInput(self.args, {**self.kwargs, "hidden_states": hidden})
+
+
+def _model_kwargs(model: nn.Module) -> dict:
+    return {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+
+
+@torch.inference_mode()
+def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor]) -> list[BlockInput]:
+    """Run the model up to its first block, once per batch, and keep what the block receives."""
+    _, blocks = find_blocks(model)
+    captured: list[BlockInput] = []
+
+    def hook(module, args, kwargs):
+        captured.append(BlockInput(tuple(args), dict(kwargs)))
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        device = next(model.parameters()).device
+        for batch in batches:
+            try:
+                model(input_ids=batch.to(device), **_model_kwargs(model))
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+@dataclass
+class BlockStep:
+    """One block of the loop: collect its statistics, optionally change it, then advance."""
+
+    index: int
+    block: nn.Module
+    targets: list[Target]
+    inputs: list[BlockInput]
+
+    @torch.inference_mode()
+    def collect_grams(self) -> dict[str, "Gram"]:  # noqa: F821
+        with GramCollector({t.name: t.module for t in self.targets}) as collector:
+            for inp in self.inputs:
+                self.block(*inp.args, **inp.kwargs)
+        return collector.grams
+
+    @torch.inference_mode()
+    def outputs(self) -> list[BlockInput]:
+        result = []
+        for inp in self.inputs:
+            out = self.block(*inp.args, **inp.kwargs)
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+            result.append(inp.with_hidden(hidden))
+        return result
+
+
+def iterate_blocks(
+    model: nn.Module, batches: list[torch.Tensor], targets: list[Target], description: str = "blocks"
+) -> Iterator[BlockStep]:
+    """Yield the blocks in order with their calibration inputs.
+
+    After the caller is done with a step, the block is run forward (as it is then) to make
+    the next block's inputs. Blocks without targets are run through without being yielded.
+    """
+    _, blocks = find_blocks(model)
+    by_block: dict[int, list[Target]] = {}
+    for t in targets:
+        if t.block_index is None:
+            raise ValueError(f"{t.name} is outside the transformer blocks; the layer loop cannot reach it")
+        by_block.setdefault(t.block_index, []).append(t)
+    inputs = capture_block_inputs(model, batches)
+    last = max(by_block, default=-1)
+    for index in track(range(last + 1), description=description):
+        step = BlockStep(index, blocks[index], by_block.get(index, []), inputs)
+        if step.targets:
+            yield step
+        if index < last:
+            inputs = step.outputs()
+
+
+@torch.inference_mode()
+def collect_grams_whole_model(model: nn.Module, batches: list[torch.Tensor], targets: list[Target]):
+    """All targets' Grams in full forward passes: for targets outside the blocks (lm_head)."""
+    device = next(model.parameters()).device
+    with GramCollector({t.name: t.module for t in targets}) as collector:
+        for batch in track(batches, description="calibrating"):
+            model(input_ids=batch.to(device), **_model_kwargs(model))
+    return collector.grams

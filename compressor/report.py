@@ -1,0 +1,172 @@
+"""Rendering results: rich tables, JSON files and PNG plots. The only place that formats."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from compressor.analysis import Analysis
+from compressor.errors import OutOfResourcesError
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Write JSON atomically: a temporary file in the same folder, then a rename."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=2)
+                f.write("\n")
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as e:
+        raise OutOfResourcesError(f"cannot write {path}: {e}") from e
+
+
+def analysis_table(analysis: Analysis, console: Console) -> None:
+    whitened = analysis.modules[0].whitened is not None
+    by_type: dict[str, list] = defaultdict(list)
+    for m in analysis.modules:
+        by_type[m.layer_type].append(m)
+    table = Table(title=f"Spectra by layer type ({len(analysis.modules)} modules)")
+    for col in ("layer type", "count", "shape", "stable rank", f"WeLore rank @{analysis.welore_target}", "r90", "r95", "r99"):
+        table.add_column(col, justify="right" if col != "layer type" else "left")
+    if whitened:
+        for col in ("whitened r90", "whitened r95", "whitened r99"):
+            table.add_column(col, justify="right")
+
+    def mean(values) -> str:
+        values = list(values)
+        return f"{sum(values) / len(values):.0f}"
+
+    for layer_type, mods in by_type.items():
+        row = [
+            layer_type,
+            str(len(mods)),
+            "×".join(map(str, mods[0].shape)),
+            f"{sum(m.plain.stable_rank for m in mods) / len(mods):.1f}",
+            mean(m.welore_rank for m in mods),
+            *(mean(m.plain.energy_ranks[k] for m in mods) for k in ("90", "95", "99")),
+        ]
+        if whitened:
+            row += [mean(m.whitened.energy_ranks[k] for m in mods) for k in ("90", "95", "99")]
+        table.add_row(*row)
+    console.print(table)
+    curve = Table(title=f"Predicted cost: mean relative {analysis.cost_basis} error of the linear layers")
+    for col in ("kept ratio", "uniform ranks", "allocated ranks", "allocated kept"):
+        curve.add_column(col, justify="right")
+    for p in analysis.cost_curve:
+        curve.add_row(f"{p.kept_ratio:.1f}", f"{p.uniform_error:.4f}", f"{p.allocated_error:.4f}", f"{p.allocated_kept:.4f}")
+    console.print(curve)
+
+
+def analysis_plots(analysis: Analysis, folder: str | Path) -> list[Path]:
+    """Spectra by layer type (plain and, with calibration, whitened) and the predicted cost curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutOfResourcesError(f"cannot create {folder}: {e}") from e
+    written = []
+    kinds = [("plain", lambda m: m.plain)]
+    if analysis.modules[0].whitened is not None:
+        kinds.append(("whitened", lambda m: m.whitened))
+    by_type: dict[str, list] = defaultdict(list)
+    for m in analysis.modules:
+        by_type[m.layer_type].append(m)
+    blocks = [m.block_index or 0 for m in analysis.modules]
+    top = max(blocks) or 1
+    for kind, get in kinds:
+        n = len(by_type)
+        cols = min(4, n)
+        rows = (n + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+        for ax, (layer_type, mods) in zip(axes.flat, by_type.items()):
+            for m in mods:
+                sv = get(m).singular_values
+                ax.semilogy((sv / sv[0]).numpy(), color=plt.cm.viridis((m.block_index or 0) / top), lw=0.8)
+            ax.set_title(layer_type, fontsize=9)
+            ax.set_xlabel("index")
+            ax.set_ylabel("σ / σ₁")
+        for ax in list(axes.flat)[n:]:
+            ax.axis("off")
+        fig.suptitle(f"{kind} singular values (colour: layer index)")
+        fig.tight_layout()
+        path = folder / f"spectra_{kind}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ratios = [p.kept_ratio for p in analysis.cost_curve]
+    ax.plot(ratios, [p.uniform_error for p in analysis.cost_curve], "o-", label="uniform ranks")
+    ax.plot(ratios, [p.allocated_error for p in analysis.cost_curve], "s-", label="allocated ranks")
+    ax.set_xlabel("kept fraction of linear-layer parameters")
+    ax.set_ylabel(f"mean relative {analysis.cost_basis} error")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("predicted cost")
+    fig.tight_layout()
+    path = folder / "cost_curve.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def factorize_summary(result, console: Console) -> None:
+    """Ranks by layer type, parameters before and after, file size, seconds."""
+    plan = result.outcome.plan
+    by_type: dict[str, list] = defaultdict(list)
+    for m in plan.modules:
+        by_type[m.layer_type].append(m)
+    table = Table(title=f"Rank plan: --target {plan.options.target} ({plan.options.method}, {plan.options.alloc}{', sequential' if plan.options.sequential else ''})")
+    for col in ("layer type", "shape", "min rank", "mean rank", "max rank", "dense", "params before", "params after", "pred. rel. error"):
+        table.add_column(col, justify="left" if col == "layer type" else "right")
+    for layer_type, mods in by_type.items():
+        ranks = [m.rank for m in mods if m.rank is not None]
+        table.add_row(
+            layer_type,
+            "×".join(map(str, mods[0].shape)),
+            str(min(ranks)) if ranks else "-",
+            f"{sum(ranks) / len(ranks):.0f}" if ranks else "-",
+            str(max(ranks)) if ranks else "-",
+            str(sum(m.rank is None for m in mods)),
+            f"{sum(m.params_before for m in mods):,}",
+            f"{sum(m.params_after for m in mods):,}",
+            f"{sum(m.relative_error for m in mods) / len(mods):.4f}",
+        )
+    console.print(table)
+    o = result.outcome
+    console.print(
+        f"targets kept [bold]{plan.kept_fraction:.4f}[/] of their parameters ({plan.params_after:,} of {plan.params_before:,}); "
+        f"whole model {o.model_fraction:.4f} ({o.model_params_after:,} of {o.model_params_before:,}); "
+        f"predicted mean relative error {plan.mean_relative_error:.4f}"
+    )
+    where = f"wrote {result.output} ({_size(result.file_bytes)})" if result.output else "dry run: nothing written"
+    console.print(f"{where} in {result.seconds:.1f} s")
