@@ -48,6 +48,17 @@ def check_sizes(samples: int, seq_len: int) -> None:
         raise UsageError(f"--seq-len must be at least 2, got {seq_len}")
 
 
+def check_spec(spec: str) -> None:
+    """Reject a calibration SPEC that cannot work before anything slow starts."""
+    if spec == "self" or spec.startswith("hf:"):
+        return
+    path = Path(spec)
+    if path.suffix.lower() not in (".txt", ".jsonl"):
+        raise UsageError(f"unknown calibration source {spec!r}: use a .txt or .jsonl file, hf:NAME, or self")
+    if not path.is_file():
+        raise InvalidInputError(f"calibration file not found: {spec}")
+
+
 def load_calibration(
     spec: str, tokenizer, model=None, *, samples: int = 64, seq_len: int = 512, seed: int = 0
 ) -> CalibrationSet:
@@ -56,18 +67,12 @@ def load_calibration(
         if model is None:
             raise UsageError("--calib self needs the model to generate from")
         return _self_generated(model, tokenizer, samples, seq_len, seed)
+    check_spec(spec)
     if spec.startswith("hf:"):
         text = _hf_text(spec)
     else:
         path = Path(spec)
-        if not path.is_file():
-            raise InvalidInputError(f"calibration file not found: {spec}")
-        if path.suffix.lower() == ".jsonl":
-            text = _jsonl_text(path)
-        elif path.suffix.lower() == ".txt":
-            text = _read_text(path)
-        else:
-            raise UsageError(f"unknown calibration source {spec!r}: use a .txt or .jsonl file, hf:NAME, or self")
+        text = _jsonl_text(path) if path.suffix.lower() == ".jsonl" else _read_text(path)
     ids = tokenize_text(tokenizer, text)
     return _random_windows(ids, spec, samples, seq_len, seed)
 

@@ -186,3 +186,93 @@ def factorize(
         output = save_factored(loaded.model, loaded.tokenizer, Path(output), metadata, overwrite=overwrite)
         file_bytes = folder_bytes(Path(output))
     return FactorizeResult(outcome, loaded.source, info, Path(output) if output else None, file_bytes, time.perf_counter() - start)
+
+
+@dataclass
+class VerifyResult:
+    path: Path
+    ranks: dict[str, int]
+    tensors: int
+    comparison: "Comparison | None" = None  # noqa: F821
+
+    def to_json(self) -> dict:
+        return {
+            "path": str(self.path),
+            "factored_modules": len(self.ranks),
+            "tensors": self.tensors,
+            "comparison": self.comparison.to_dict() if self.comparison else None,
+        }
+
+
+def verify(
+    path: str | Path,
+    *,
+    against: LoadedModel | str | None = None,
+    data: str | Path | None = None,
+    seq_len: int = 512,
+    max_windows: int | None = 8,
+    batch_size: int = 4,
+) -> VerifyResult:
+    """Check a factored checkpoint: tensors present and finite, shapes as recorded, loads.
+
+    With ``against`` and ``data``: perplexity of both and top-1 next-token agreement.
+    """
+    from safetensors import safe_open
+
+    from compressor.errors import NumericalError
+    from compressor.evaluate import compare
+    from compressor.formats.factored import checkpoint_files, load_factored, read_quantization_config
+
+    path = Path(path)
+    if against is not None and data is None:
+        raise UsageError("--against needs --data to compare on")
+    qconfig = read_quantization_config(path)
+    ranks = qconfig.get("ranks", {})
+    files = checkpoint_files(path)
+    if not files:
+        raise InvalidInputError(f"{path} has no safetensors weights")
+    count = 0
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in track(files, description="checking tensors"):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    tensor = f.get_tensor(key)
+                    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                        raise NumericalError(f"{file.name}: tensor {key} contains NaN or Inf")
+                    shapes[key] = tuple(tensor.shape)
+                    count += 1
+        except (OSError, ValueError, RuntimeError) as e:
+            if isinstance(e, NumericalError):
+                raise
+            raise InvalidInputError(f"cannot read {file}: {e}") from e
+    problems = []
+    for module, rank in ranks.items():
+        a, b = shapes.get(f"{module}.weight_a"), shapes.get(f"{module}.weight_b")
+        if a is None or b is None:
+            problems.append(f"{module}: factor missing")
+        elif a[0] != rank or b[1] != rank:
+            problems.append(f"{module}: factors {list(b)}·{list(a)} do not have the recorded rank {rank}")
+    if problems:
+        raise InvalidInputError(f"{path}: " + "; ".join(problems[:5]) + (f" and {len(problems) - 5} more" if len(problems) > 5 else ""))
+    model, tokenizer = load_factored(path)
+    result = VerifyResult(path, ranks, count)
+    if against is not None:
+        reference = _loaded(against)
+        ids = tokenize_text(reference.tokenizer, read_text_file(data))
+        result.comparison = compare(model, reference.model, ids, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size)
+    return result
+
+
+def export_dense(path: str | Path, output: str | Path, *, overwrite: bool = False) -> Path:
+    """Merge every B·A back into a plain weight; write a checkpoint any tool loads."""
+    from compressor.formats.atomic import atomic_dir
+    from compressor.formats.factored import export_dense as merge, load_factored
+
+    model, tokenizer = load_factored(path)
+    merge(model)
+    with atomic_dir(output, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(output)

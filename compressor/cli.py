@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -11,15 +12,19 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Optional, TypeVar
 
-import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from compressor import __version__
-from compressor.errors import EXIT_INTERRUPTED, CompressError, OutOfResourcesError, UsageError
+from compressor.errors import EXIT_INTERRUPTED, CompressError, InvalidInputError, OutOfResourcesError, UsageError
 from compressor.progress import reporting_to
+
+try:  # typer ≥ 0.20 vendors click; older releases use the click package
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exceptions
 
 T = TypeVar("T")
 EXIT_INTERNAL = 70
@@ -93,8 +98,11 @@ class RichProgressSink:
             self.progress.advance(task)
 
 
-def _progress() -> RichProgressSink:
-    return RichProgressSink(err)
+@contextlib.contextmanager
+def _progress() -> Iterator[None]:
+    """Show the library's progress reports as rich bars on stderr for the duration."""
+    with RichProgressSink(err) as sink, reporting_to(sink):
+        yield
 
 
 def _quiet_libraries() -> None:
@@ -105,14 +113,19 @@ def _quiet_libraries() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=err, show_path=False)])
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"compress {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", callback=_print_version, is_eager=True)
+    ] = False,
 ) -> None:
-    if version:
-        out.print(f"compress {__version__}")
-        raise typer.Exit(0)
     if debug:
         _state["debug"] = True
     _quiet_libraries()
@@ -140,6 +153,8 @@ def eval_command(
     from compressor import api
     from compressor.report import write_json
 
+    if not data.is_file():
+        raise InvalidInputError(f"data file not found: {data}")
     loaded = _load(model, dtype)
     with _progress():
         result = api.evaluate(loaded, data, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size)
@@ -169,12 +184,14 @@ def analyze_command(
 ) -> None:
     """Singular-value spectra of every target layer, plain and activation-whitened, and predicted costs."""
     from compressor import api
-    from compressor.calibration.sources import check_sizes
+    from compressor.calibration.sources import check_sizes, check_spec
     from compressor.math.allocate import check_target
     from compressor.report import analysis_plots, analysis_table, write_json
 
     check_target(welore_target)
     check_sizes(calib_samples, seq_len)
+    if calib != "none":
+        check_spec(calib)
     loaded = _load(model, dtype)
     with _progress():
         calibration = None
@@ -215,13 +232,15 @@ def factorize_command(
 ) -> None:
     """Low-rank factorization W ≈ B·A of every target, ranks chosen to meet --target exactly."""
     from compressor import api
-    from compressor.calibration.sources import check_sizes
+    from compressor.calibration.sources import check_sizes, check_spec
     from compressor.factorize import FactorizeOptions
     from compressor.report import factorize_summary, write_json
 
     options = FactorizeOptions(target=target, method=method, alloc=alloc, sequential=sequential)
     options.validate()
     check_sizes(calib_samples, seq_len)
+    if options.needs_calibration:
+        check_spec(calib)
     if output is None and not dry_run:
         raise UsageError("give an output folder with -o, or --dry-run")
     if output is not None and not dry_run and output.exists() and any(output.iterdir()) and not overwrite:
@@ -245,6 +264,52 @@ def factorize_command(
         write_json(json_path, result.to_json())
 
 
+@app.command("verify")
+def verify_command(
+    path: Annotated[Path, typer.Argument(metavar="OUT", help="A factored checkpoint folder.", show_default=False)],
+    against: Annotated[Optional[str], typer.Option("--against", help="The original MODEL to compare with.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Text file for the comparison.")] = None,
+    seq_len: SeqLenOpt = 512,
+    max_windows: Annotated[int, typer.Option("--max-windows", min=1, help="Windows to compare on.")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.")] = 4,
+    json_path: JsonOpt = None,
+) -> None:
+    """Check a factored checkpoint: every tensor present and finite, ranks as recorded, loads."""
+    from compressor import api
+    from compressor.report import write_json
+
+    if against is not None and data is None:
+        raise UsageError("--against needs --data")
+    if data is not None and not data.is_file():
+        raise InvalidInputError(f"data file not found: {data}")
+    reference = _load(against, "float32") if against else None
+    with _progress():
+        result = api.verify(path, against=reference, data=data, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size)
+    out.print(f"{path}: {result.tensors} tensors, {len(result.ranks)} factored modules, all finite; loads: ok")
+    if result.comparison:
+        c = result.comparison
+        out.print(
+            f"perplexity {c.perplexity:.4f} (original {c.reference_perplexity:.4f}); "
+            f"top-1 agreement {c.top1_agreement:.4f} over {c.tokens} tokens"
+        )
+    if json_path:
+        write_json(json_path, result.to_json())
+
+
+@app.command("export-dense")
+def export_dense_command(
+    path: Annotated[Path, typer.Argument(metavar="OUT", help="A factored checkpoint folder.", show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the dense checkpoint.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+) -> None:
+    """Merge B·A back into plain weights: a standard checkpoint any tool loads."""
+    from compressor import api
+
+    with err.status(f"exporting {path}"):
+        written = api.export_dense(path, output, overwrite=overwrite)
+    out.print(f"wrote {written}")
+
+
 def _fail(message: str, code: int) -> int:
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     if _state["debug"]:
@@ -260,12 +325,12 @@ def run(argv: list[str] | None = None) -> int:
     try:
         rv = command.main(args=argv, prog_name="compress", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
-    except click.exceptions.Exit as e:
+    except (typer.Exit, getattr(click_exceptions, "Exit", typer.Exit)) as e:
         return e.exit_code
-    except click.exceptions.ClickException as e:
+    except click_exceptions.ClickException as e:
         e.show(file=sys.stderr)
-        return 2 if isinstance(e, click.exceptions.UsageError) else e.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+        return 2 if isinstance(e, click_exceptions.UsageError) else e.exit_code
+    except (typer.Abort, getattr(click_exceptions, "Abort", typer.Abort), KeyboardInterrupt):
         return _fail("interrupted", EXIT_INTERRUPTED)
     except UsageError as e:
         return _fail(f"{e} (see compress --help)", e.exit_code)

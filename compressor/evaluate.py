@@ -72,3 +72,49 @@ def perplexity(
         seq_len=seq_len,
         seconds=time.perf_counter() - start,
     )
+
+
+@dataclass(frozen=True)
+class Comparison:
+    perplexity: float
+    reference_perplexity: float
+    top1_agreement: float  # fraction of predicted positions where both models' argmax agree
+    tokens: int
+    windows: int
+    seq_len: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.inference_mode()
+def compare(
+    model, reference, ids: torch.Tensor, *, seq_len: int = 512, max_windows: int | None = None, batch_size: int = 4
+) -> Comparison:
+    """Perplexity of both models on the same windows and their top-1 next-token agreement."""
+    windows = eval_windows(ids, seq_len, max_windows)
+    start = time.perf_counter()
+    nll = {"model": 0.0, "reference": 0.0}
+    agree = 0
+    for batch in track(windows.split(batch_size), description="comparing"):
+        labels = batch[:, 1:]
+        top1 = {}
+        for key, m in (("model", model), ("reference", reference)):
+            device = next(m.parameters()).device
+            logits = m(input_ids=batch.to(device), use_cache=False).logits[:, :-1].float()
+            nll[key] += float(F.cross_entropy(logits.transpose(1, 2), labels.to(device), reduction="sum"))
+            top1[key] = logits.argmax(-1).cpu()
+        agree += int((top1["model"] == top1["reference"]).sum())
+    tokens = windows.shape[0] * (seq_len - 1)
+    if not all(math.isfinite(v) for v in nll.values()):
+        raise NumericalError("a model produced non-finite log-likelihoods")
+    return Comparison(
+        perplexity=math.exp(nll["model"] / tokens),
+        reference_perplexity=math.exp(nll["reference"] / tokens),
+        top1_agreement=agree / tokens,
+        tokens=tokens,
+        windows=windows.shape[0],
+        seq_len=seq_len,
+        seconds=time.perf_counter() - start,
+    )

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from compressor.errors import InvalidInputError, OutOfResourcesError, UsageError
@@ -124,7 +125,7 @@ def _from_pretrained(where: str | Path, dtype: torch.dtype, causal: bool | None 
         tokenizer = transformers.AutoTokenizer.from_pretrained(where, **kwargs)
     except MemoryError as e:
         raise OutOfResourcesError(f"out of memory while loading {where}") from e
-    except (OSError, ValueError, RuntimeError, KeyError, EnvironmentError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         raise InvalidInputError(f"cannot load the model at {where}: {_first_line(e)}") from e
     model.eval()
     return model, tokenizer
@@ -141,8 +142,23 @@ def _load_folder(path: Path, dtype: torch.dtype, source: str) -> LoadedModel:
     weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
     if not weights:
         raise InvalidInputError(f"{path} has no weight files (*.safetensors)")
+    quant_method = _quant_method(path)
+    if quant_method is not None and quant_method.startswith("compress"):
+        from compressor.formats.factored import load_factored
+
+        model, tokenizer = load_factored(path, dtype)
+        return LoadedModel(model, tokenizer, source, path)
     model, tokenizer = _from_pretrained(path, dtype)
     return LoadedModel(model, tokenizer, source, path)
+
+
+def _quant_method(folder: Path) -> str | None:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidInputError(f"cannot read {folder / 'config.json'}: {e}") from e
+    qconfig = config.get("quantization_config") if isinstance(config, dict) else None
+    return qconfig.get("quant_method") if isinstance(qconfig, dict) else None
 
 
 def _load_hub(repo_id: str, dtype: torch.dtype) -> LoadedModel:

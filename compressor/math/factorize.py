@@ -41,7 +41,7 @@ class Decomposition:
             raise ValueError(f"rank {rank} outside [0, {self.u.shape[1]}]")
         if self.whitened:
             b = self.u[:, :rank].to(torch.float64)
-            a = b.T @ weight.detach().to(torch.float64)
+            a = b.T @ weight.detach().to("cpu", torch.float64)
         else:
             # The singular values split evenly between the two factors.
             root = self.sv[:rank].sqrt()
@@ -57,7 +57,7 @@ class Decomposition:
 
 
 def svd_decomposition(weight: torch.Tensor) -> Decomposition:
-    w = _check_finite(weight.detach().to(torch.float64), "weight")
+    w = _check_finite(weight.detach().to("cpu", torch.float64), "weight")
     u, sv, vh = torch.linalg.svd(w, full_matrices=False)
     return Decomposition(u, sv, whitened=False, vh=vh)
 
@@ -68,7 +68,7 @@ def whitened_decomposition(weight: torch.Tensor, gram: torch.Tensor | None = Non
         if gram is None:
             raise ValueError("whitened_decomposition needs a gram or its root")
         root = gram_root(gram)
-    w = _check_finite(weight.detach().to(torch.float64), "weight")
+    w = _check_finite(weight.detach().to("cpu", torch.float64), "weight")
     u, sv, _ = torch.linalg.svd(w @ root, full_matrices=False)
     return Decomposition(u, sv, whitened=True)
 

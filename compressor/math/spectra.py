@@ -15,7 +15,7 @@ def _check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
 
 def singular_values(weight: torch.Tensor) -> torch.Tensor:
     """Singular values of an (out, in) weight, descending, float64."""
-    w = _check_finite(weight.detach().to(torch.float64), "weight")
+    w = _check_finite(weight.detach().to("cpu", torch.float64), "weight")
     return torch.linalg.svdvals(w)
 
 
@@ -33,7 +33,7 @@ def gram_root(gram: torch.Tensor) -> torch.Tensor:
 
 def whitened_singular_values(weight: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
     """Singular values of W·S: their squares sum to ‖W·Xᵀ‖² for the calibration inputs X."""
-    w = _check_finite(weight.detach().to(torch.float64), "weight")
+    w = _check_finite(weight.detach().to("cpu", torch.float64), "weight")
     return torch.linalg.svdvals(w @ root)
 
 

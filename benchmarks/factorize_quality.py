@@ -1,0 +1,105 @@
+"""Perplexity of factored SmolLM2 across targets, allocations and modes: the README's quality table.
+
+    python benchmarks/factorize_quality.py --out results/factorize_quality.json
+
+Calibration: 64 windows of 512 tokens of WikiText-2 validation, seed 0 (and `self`).
+Evaluation: the `compress eval` protocol on the first 32 windows of 512 of WikiText-2 test.
+Runs on the GPU when there is one (`--device cuda`); the numbers do not depend on it beyond
+floating-point noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from compressor import api
+from compressor.calibration.sources import tokenize_text
+from compressor.evaluate import perplexity
+from compressor.factorize import FactorizeOptions, factorize_model
+from compressor.loading import load_model
+from compressor.targets import select_targets
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--calib", default=str(DATA / "wikitext2-valid.txt"))
+    parser.add_argument("--eval", default=str(DATA / "wikitext2-raw-test.txt"))
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.8, 0.6, 0.5])
+    parser.add_argument("--allocs", nargs="+", default=["uniform", "welore", "global"])
+    parser.add_argument("--modes", nargs="+", default=["one-shot", "sequential"])
+    parser.add_argument("--methods", nargs="+", default=["whiten"])
+    parser.add_argument("--self-calib", action="store_true", help="also run the default configuration with --calib self")
+    parser.add_argument("--calib-samples", type=int, default=64)
+    parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    loaded = load_model(args.model)
+    original = copy.deepcopy(loaded.model).to(args.device)
+    eval_ids = tokenize_text(loaded.tokenizer, Path(args.eval).read_text(encoding="utf-8"))
+
+    def evaluate(model) -> float:
+        return perplexity(model, eval_ids, seq_len=512, max_windows=args.eval_windows, batch_size=8).perplexity
+
+    rows = [{"config": "baseline float32", "perplexity": evaluate(original)}]
+    print(json.dumps(rows[-1]), flush=True)
+    loaded.model = original
+    calibrations = {"wikitext2-valid": api.calibrate(loaded, args.calib, samples=args.calib_samples, seq_len=512, seed=0)}
+    if args.self_calib:
+        calibrations["self"] = api.calibrate(loaded, "self", samples=args.calib_samples, seq_len=512, seed=0)
+
+    configs = [
+        (calib_name, target, method, alloc, mode)
+        for target, method, alloc, mode in itertools.product(args.targets, args.methods, args.allocs, args.modes)
+        for calib_name in ["wikitext2-valid"]
+    ]
+    if args.self_calib:
+        configs += [("self", t, "whiten", args.allocs[-1], args.modes[0]) for t in args.targets]
+    for calib_name, target, method, alloc, mode in configs:
+        model = copy.deepcopy(original)
+        targets = select_targets(model)
+        options = FactorizeOptions(target=target, method=method, alloc=alloc, sequential=mode == "sequential")
+        start = time.perf_counter()
+        calibration = calibrations[calib_name] if method == "whiten" else None
+        outcome = factorize_model(model, targets, options, calibration)
+        seconds = time.perf_counter() - start
+        row = {
+            "calibration": calib_name,
+            "target": target,
+            "method": method,
+            "alloc": alloc,
+            "mode": mode,
+            "kept_fraction": round(outcome.plan.kept_fraction, 4),
+            "predicted_mean_relative_error": round(outcome.plan.mean_relative_error, 4),
+            "perplexity": evaluate(model),
+            "factorize_seconds": round(seconds, 1),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del model
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"device": args.device, "rows": rows}, indent=2) + "\n")
+    print("\n| calibration | target | method | alloc | mode | kept | pred. rel. err | perplexity |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows[1:]:
+        print(
+            f"| {r['calibration']} | {r['target']} | {r['method']} | {r['alloc']} | {r['mode']} | "
+            f"{r['kept_fraction']} | {r['predicted_mean_relative_error']} | {r['perplexity']:.2f} |"
+        )
+    print(f"\nbaseline: {rows[0]['perplexity']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

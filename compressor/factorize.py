@@ -1,0 +1,257 @@
+"""LoRD factorization of a model's targets: decompose, plan ranks under a budget, swap in B·A.
+
+Pass 1 runs the original model block by block and decomposes every target (whitened by its
+calibration Gram, or plain). The rank plan is made from those spectra. Then either the
+pass-1 decompositions are cut to the plan (default), or, with ``sequential``, a second pass
+re-whitens each block on the inputs that the already-factored blocks before it produce.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from compressor.calibration.grams import Gram
+from compressor.calibration.sources import CalibrationSet
+from compressor.errors import UsageError
+from compressor.math import allocate
+from compressor.math.factorize import Decomposition, svd_decomposition, whitened_decomposition
+from compressor.math.spectra import gram_root
+from compressor.pipeline import iterate_blocks
+from compressor.progress import track
+from compressor.targets import Target
+
+METHODS = ("whiten", "svd")
+ALLOCATIONS = ("global", "uniform", "welore")
+CALIBRATION_BATCH = 8
+
+
+@dataclass(frozen=True)
+class FactorizeOptions:
+    target: float
+    method: str = "whiten"
+    alloc: str = "global"
+    sequential: bool = False
+    floor_fraction: float = 0.5  # global allocation: no matrix below this share of its uniform rank
+
+    def validate(self) -> None:
+        allocate.check_target(self.target)
+        if self.method not in METHODS:
+            raise UsageError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.alloc not in ALLOCATIONS:
+            raise UsageError(f"unknown --alloc {self.alloc!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if not 0 <= self.floor_fraction <= 1:
+            raise UsageError(f"floor fraction must be in [0, 1], got {self.floor_fraction}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "whiten"
+
+
+@dataclass
+class ModulePlan:
+    name: str
+    layer_type: str
+    block: int | None
+    shape: tuple[int, int]
+    rank: int | None  # None: stays dense
+    energy: float  # Σσ² of the (whitened) spectrum
+    discarded: float  # predicted Σ of the dropped σ²
+
+    @property
+    def params_before(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def params_after(self) -> int:
+        return allocate.cost(self.rank, self.shape)
+
+    @property
+    def relative_error(self) -> float:
+        return self.discarded / self.energy if self.energy > 0 else 0.0
+
+
+@dataclass
+class FactorizePlan:
+    options: FactorizeOptions
+    modules: list[ModulePlan]
+    welore_threshold: float | None = None
+
+    @property
+    def params_before(self) -> int:
+        return sum(m.params_before for m in self.modules)
+
+    @property
+    def params_after(self) -> int:
+        return sum(m.params_after for m in self.modules)
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.params_after / self.params_before
+
+    @property
+    def mean_relative_error(self) -> float:
+        return sum(m.relative_error for m in self.modules) / len(self.modules)
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {m.name: m.rank for m in self.modules if m.rank is not None}
+
+    def to_dict(self) -> dict:
+        return {
+            "options": asdict(self.options),
+            "kept_fraction": self.kept_fraction,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "predicted_mean_relative_error": self.mean_relative_error,
+            "welore_threshold": self.welore_threshold,
+            "modules": {
+                m.name: {
+                    "shape": list(m.shape),
+                    "rank": m.rank,
+                    "params_after": m.params_after,
+                    "predicted_relative_error": m.relative_error,
+                }
+                for m in self.modules
+            },
+        }
+
+
+def plan_ranks(options: FactorizeOptions, targets: list[Target], spectra: dict[str, torch.Tensor], plain: dict[str, torch.Tensor]) -> FactorizePlan:
+    """Choose every target's rank. ``spectra``: singular values in the method's metric; ``plain``: of W."""
+    shapes = [t.shape for t in targets]
+    energies = [spectra[t.name].to(torch.float64) ** 2 for t in targets]
+    threshold = None
+    if options.alloc == "uniform":
+        ranks = allocate.uniform_plan(shapes, options.target)
+    elif options.alloc == "welore":
+        ranks, threshold = allocate.welore_plan([plain[t.name] for t in targets], shapes, options.target)
+    else:
+        uniform = allocate.uniform_plan(shapes, options.target)
+        floors = [int(options.floor_fraction * (r if r is not None else allocate.max_factored_rank(s))) for r, s in zip(uniform, shapes)]
+        weights = [1.0 / float(e.sum()) if float(e.sum()) > 0 else 0.0 for e in energies]
+        ranks = allocate.greedy_plan(energies, shapes, options.target, weights=weights, floors=floors)
+    modules = [
+        ModulePlan(
+            name=t.name,
+            layer_type=t.layer_type,
+            block=t.block_index,
+            shape=t.shape,
+            rank=r,
+            energy=float(e.sum()),
+            discarded=allocate.discarded_energy(e, r),
+        )
+        for t, r, e in zip(targets, ranks, energies)
+    ]
+    return FactorizePlan(options, modules, threshold)
+
+
+def _decompose_block(targets: list[Target], grams: dict[str, Gram] | None) -> dict[str, Decomposition]:
+    roots: dict[int, torch.Tensor] = {}
+    result = {}
+    for t in targets:
+        if grams is None:
+            result[t.name] = svd_decomposition(t.weight())
+            continue
+        gram = grams[t.name]
+        if id(gram) not in roots:
+            roots[id(gram)] = gram_root(gram.matrix)
+        result[t.name] = whitened_decomposition(t.weight(), root=roots[id(gram)])
+    return result
+
+
+def decompose_all(
+    model: nn.Module, targets: list[Target], calibration: CalibrationSet | None
+) -> dict[str, Decomposition]:
+    """Pass 1: every target decomposed on the original model (kept only up to useful ranks)."""
+    if calibration is None:
+        return {t.name: svd_decomposition(t.weight()).truncated(allocate.max_factored_rank(t.shape)) for t in track(targets, description="decomposing")}
+    decompositions = {}
+    for step in iterate_blocks(model, calibration.batches(CALIBRATION_BATCH), targets, description="calibrating, decomposing"):
+        for name, d in _decompose_block(step.targets, step.collect_grams()).items():
+            shape = next(t.shape for t in step.targets if t.name == name)
+            decompositions[name] = d.truncated(allocate.max_factored_rank(shape))
+    return decompositions
+
+
+def factor_targets(
+    model: nn.Module,
+    targets: list[Target],
+    plan: FactorizePlan,
+    decompositions: dict[str, Decomposition] | None,
+    calibration: CalibrationSet | None,
+) -> dict[str, float]:
+    """Swap each planned target for its factors. Returns the measured whitened error per module
+    when the decomposition is re-made in sequential mode, else the pass-1 predictions."""
+    from compressor.formats.factored import apply_factors
+
+    by_name = {m.name: m for m in plan.modules}
+    errors: dict[str, float] = {}
+
+    def factor(step_targets: list[Target], decs: dict[str, Decomposition]) -> None:
+        factors = {}
+        for t in step_targets:
+            rank = by_name[t.name].rank
+            if rank is None:
+                continue
+            d = decs[t.name]
+            factors[t.name] = d.factors(t.weight(), rank, t.module.weight.dtype)
+            errors[t.name] = d.discarded(rank)
+        apply_factors(model, factors)
+
+    if not plan.options.sequential or calibration is None:
+        assert decompositions is not None
+        for t in track(targets, description="factoring"):
+            factor([t], decompositions)
+        return errors
+    for step in iterate_blocks(model, calibration.batches(CALIBRATION_BATCH), targets, description="sequential factoring"):
+        factor(step.targets, _decompose_block(step.targets, step.collect_grams()))
+    return errors
+
+
+@dataclass
+class FactorizeOutcome:
+    plan: FactorizePlan
+    model_params_before: int
+    model_params_after: int
+    seconds: float
+    errors: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def model_fraction(self) -> float:
+        return self.model_params_after / self.model_params_before
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters of the model, tied tensors counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def factorize_model(
+    model: nn.Module,
+    targets: list[Target],
+    options: FactorizeOptions,
+    calibration: CalibrationSet | None,
+    dry_run: bool = False,
+) -> FactorizeOutcome:
+    options.validate()
+    if options.needs_calibration and calibration is None:
+        raise UsageError("--method whiten needs calibration data")
+    start = time.perf_counter()
+    before = count_params(model)
+    decompositions = decompose_all(model, targets, calibration if options.needs_calibration else None)
+    plain = {name: d.sv for name, d in decompositions.items()} if not options.needs_calibration else None
+    if options.alloc == "welore" and plain is None:
+        plain = {t.name: torch.linalg.svdvals(t.weight().to(torch.float64)) for t in targets}
+    plan = plan_ranks(options, targets, {n: d.sv for n, d in decompositions.items()}, plain or {})
+    after = before - plan.params_before + plan.params_after
+    if dry_run:
+        return FactorizeOutcome(plan, before, after, time.perf_counter() - start)
+    sequential_decs = None if (options.sequential and options.needs_calibration) else decompositions
+    if options.sequential and options.needs_calibration:
+        decompositions.clear()
+    errors = factor_targets(model, targets, plan, sequential_decs, calibration if options.needs_calibration else None)
+    return FactorizeOutcome(plan, before, count_params(model), time.perf_counter() - start, errors)

@@ -1,0 +1,30 @@
+"""Checkpoint formats written by compressor. Importing this package registers the factored
+(``compress_lowrank``) format with transformers."""
+
+from compressor.formats.atomic import atomic_dir
+from compressor.formats.factored import (
+    FORMAT_VERSION,
+    QUANT_METHOD,
+    FactoredLinear,
+    LowRankConfig,
+    LowRankQuantizer,
+    apply_factors,
+    export_dense,
+    factored_modules,
+    load_factored,
+    save_factored,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "QUANT_METHOD",
+    "FactoredLinear",
+    "LowRankConfig",
+    "LowRankQuantizer",
+    "apply_factors",
+    "atomic_dir",
+    "export_dense",
+    "factored_modules",
+    "load_factored",
+    "save_factored",
+]

@@ -1,0 +1,105 @@
+"""The factorization math against dense references."""
+
+import pytest
+import torch
+
+from compressor.errors import NumericalError
+from compressor.math.factorize import svd_decomposition, truncated_svd, whitened_decomposition, whitened_svd
+
+
+def _random_problem(out_features=24, in_features=32, tokens=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_features, in_features, generator=g, dtype=torch.float64)
+    # Correlated inputs with a wide range of scales, as real activations have.
+    mix = torch.randn(in_features, in_features, generator=g, dtype=torch.float64)
+    scales = torch.logspace(0, -3, in_features, dtype=torch.float64)
+    x = torch.randn(tokens, in_features, generator=g, dtype=torch.float64) @ (mix * scales)
+    return w, x
+
+
+@pytest.mark.parametrize("rank", [1, 5, 12, 24])
+def test_whitened_error_equals_discarded_whitened_energy(rank):
+    w, x = _random_problem()
+    d = whitened_decomposition(w, gram=x.T @ x)
+    b, a = d.factors(w, rank, torch.float64)
+    measured = torch.linalg.matrix_norm((w - b @ a) @ x.T) ** 2
+    assert measured.item() == pytest.approx(d.discarded(rank), rel=1e-9, abs=1e-9)
+    assert b.shape == (24, rank) and a.shape == (rank, 32)
+
+
+def test_whitened_beats_plain_on_the_calibration_metric():
+    w, x = _random_problem()
+    gram = x.T @ x
+    for rank in (2, 6, 10):
+        bw, aw = whitened_svd(w, gram, rank)
+        bp, ap = truncated_svd(w, rank)
+        err_w = torch.linalg.matrix_norm((w - bw @ aw) @ x.T)
+        err_p = torch.linalg.matrix_norm((w - bp @ ap) @ x.T)
+        assert err_w < err_p
+
+
+def test_whitened_is_optimal_against_random_rank_r_candidates():
+    w, x = _random_problem(seed=3)
+    rank = 4
+    b, a = whitened_svd(w, x.T @ x, rank)
+    best = torch.linalg.matrix_norm((w - b @ a) @ x.T)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        # Perturbing the optimum in any direction can only make the weighted error worse.
+        db = 1e-3 * torch.randn(b.shape, generator=g, dtype=torch.float64)
+        da = 1e-3 * torch.randn(a.shape, generator=g, dtype=torch.float64)
+        assert torch.linalg.matrix_norm((w - (b + db) @ (a + da)) @ x.T) >= best
+
+
+def test_plain_svd_error_is_eckart_young():
+    w, _ = _random_problem()
+    d = svd_decomposition(w)
+    for rank in (0, 3, 10):
+        b, a = d.factors(w, rank, torch.float64)
+        err = torch.linalg.matrix_norm(w - b @ a) ** 2
+        assert err.item() == pytest.approx(float((d.sv[rank:] ** 2).sum()), rel=1e-9, abs=1e-9)
+
+
+def test_rank_deficient_and_indefinite_gram_never_nan():
+    w, x = _random_problem(tokens=5)  # 5 tokens: Gram of rank 5 out of 32
+    gram = x.T @ x
+    gram[0, 0] -= 1e-9  # slightly indefinite, as float round-off makes real Grams
+    d = whitened_decomposition(w, gram=gram)
+    b, a = d.factors(w, 10, torch.float64)
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    # Only 5 directions carry input energy: rank 5 reproduces the calibration outputs.
+    b5, a5 = d.factors(w, 5, torch.float64)
+    assert torch.linalg.matrix_norm((w - b5 @ a5) @ x.T).item() < 1e-8 * torch.linalg.matrix_norm(w @ x.T).item()
+
+
+def test_ill_conditioned_gram_error_still_matches_theory():
+    w, _ = _random_problem()
+    q, _ = torch.linalg.qr(torch.randn(32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5)))
+    eig = torch.logspace(0, -8, 32, dtype=torch.float64)  # eigenvalue ratio 1e-8, as seen on SmolLM2
+    gram = (q * eig) @ q.T
+    d = whitened_decomposition(w, gram=gram)
+    b, a = d.factors(w, 8, torch.float64)
+    delta = w - b @ a
+    measured = torch.trace(delta @ gram @ delta.T)
+    assert measured.item() == pytest.approx(d.discarded(8), rel=1e-6)
+
+
+def test_non_finite_weight_raises_numerical_error():
+    w, x = _random_problem()
+    w[0, 0] = float("nan")
+    with pytest.raises(NumericalError):
+        whitened_decomposition(w, gram=x.T @ x)
+    with pytest.raises(NumericalError):
+        svd_decomposition(w)
+
+
+def test_truncated_decomposition_keeps_factors_and_energies():
+    w, x = _random_problem()
+    d = whitened_decomposition(w, gram=x.T @ x)
+    small = d.truncated(8)
+    assert small.u.shape[1] == 8 and torch.equal(small.sv, d.sv)
+    b1, a1 = d.factors(w, 6, torch.float64)
+    b2, a2 = small.factors(w, 6, torch.float64)
+    assert torch.allclose(b1 @ a1, b2 @ a2)
+    with pytest.raises(ValueError):
+        small.factors(w, 9)

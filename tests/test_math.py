@@ -1,0 +1,293 @@
+"""compressor.math: spectra and rank allocation, on hand-made and random inputs."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+
+from compressor.errors import NumericalError, UsageError
+from compressor.math import allocate, spectra
+
+
+def _t(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------- spectra
+
+
+@pytest.mark.parametrize(
+    "sv,fraction,expected",
+    [
+        ([2.0, 1.0, 1.0], 0.5, 1),  # energies 4,1,1: 4/6 ≥ 0.5
+        ([2.0, 1.0, 1.0], 0.6, 1),
+        ([2.0, 1.0, 1.0], 0.7, 2),  # 5/6
+        ([2.0, 1.0, 1.0], 0.9, 3),
+        ([2.0, 1.0, 1.0], 1.0, 3),
+        ([1.0, 1.0, 1.0, 1.0], 0.5, 2),  # exactly half: two values, not three
+        ([1.0, 1.0, 1.0, 1.0], 0.75, 3),
+        ([1.0, 1.0, 1.0, 1.0], 0.7500001, 4),
+        ([3.0, 0.0, 0.0], 1.0, 1),  # zero values are never needed
+        ([2.0, 1.0, 0.0], 1.0, 2),
+        ([0.0, 0.0], 0.9, 0),
+    ],
+)
+def test_energy_rank(sv, fraction, expected):
+    assert spectra.energy_rank(_t(sv), fraction) == expected
+
+
+def test_energy_rank_random():
+    g = torch.Generator().manual_seed(0)
+    sv = torch.rand(50, generator=g, dtype=torch.float64).sort(descending=True).values
+    e = sv**2
+    for p in (0.1, 0.5, 0.9, 0.99):
+        k = spectra.energy_rank(sv, p)
+        assert e[:k].sum() >= p * e.sum() - 1e-12
+        assert e[: k - 1].sum() < p * e.sum()
+
+
+@pytest.mark.parametrize(
+    "sv,expected",
+    [([2.0, 1.0, 1.0], 1.5), ([1.0, 1.0, 1.0, 1.0], 4.0), ([5.0], 1.0), ([3.0, 0.0], 1.0), ([0.0, 0.0], 0.0), ([], 0.0)],
+)
+def test_stable_rank(sv, expected):
+    assert spectra.stable_rank(_t(sv)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_stable_rank_is_frobenius_over_spectral():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(12, 20, generator=g, dtype=torch.float64)
+    sv = spectra.singular_values(w)
+    expected = float(torch.linalg.matrix_norm(w, "fro") ** 2 / torch.linalg.matrix_norm(w, 2) ** 2)
+    assert spectra.stable_rank(sv) == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize(
+    "sv,threshold,expected",
+    [
+        ([4.0, 2.0, 1.0, 0.5], 0.5, 2),  # 1, .5 (equal counts), .25, .125
+        ([4.0, 2.0, 1.0, 0.5], 0.51, 1),
+        ([4.0, 2.0, 1.0, 0.5], 0.125, 4),
+        ([4.0, 2.0, 1.0, 0.5], 0.0, 4),
+        ([4.0, 2.0, 1.0, 0.5], 1.0, 1),
+        ([0.0, 0.0], 0.5, 0),
+    ],
+)
+def test_welore_rank(sv, threshold, expected):
+    assert spectra.welore_rank(_t(sv), threshold) == expected
+
+
+def test_singular_values_float64_descending():
+    w = torch.diag(torch.tensor([1.0, 3.0, 2.0]))
+    sv = spectra.singular_values(w)
+    assert sv.dtype == torch.float64
+    torch.testing.assert_close(sv, _t([3.0, 2.0, 1.0]), rtol=0, atol=1e-12)
+
+
+def test_singular_values_rejects_nan():
+    w = torch.ones(3, 3)
+    w[1, 2] = float("nan")
+    with pytest.raises(NumericalError):
+        spectra.singular_values(w)
+    w[1, 2] = float("inf")
+    with pytest.raises(NumericalError):
+        spectra.whitened_singular_values(w, torch.eye(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("tokens", [40, 6])  # full rank, and rank-deficient (6 rows, dim 10)
+def test_whitened_singular_values_energy(tokens):
+    g = torch.Generator().manual_seed(tokens)
+    w = torch.randn(7, 10, generator=g).double()  # exactly representable in float32 too
+    x = torch.randn(tokens, 10, generator=g, dtype=torch.float64)
+    root = spectra.gram_root(x.T @ x)
+    sv = spectra.whitened_singular_values(w.float(), root)  # a float32 weight: computed in float64
+    assert sv.dtype == torch.float64
+    expected = (w @ x.T).pow(2).sum()
+    assert float((sv**2).sum()) == pytest.approx(float(expected), rel=1e-10)
+    # the values themselves: those of W·Xᵀ
+    direct = torch.linalg.svdvals(w @ x.T)
+    torch.testing.assert_close(sv[: direct.numel()], direct[: sv.numel()], rtol=1e-9, atol=1e-9 * float(direct[0]))
+
+
+def test_gram_root_rank_deficient():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 12, generator=g, dtype=torch.float64)  # rank 4 in dimension 12
+    gram = x.T @ x
+    root = spectra.gram_root(gram)
+    assert root.shape == (12, 12)
+    assert torch.isfinite(root).all()
+    torch.testing.assert_close(root @ root.T, gram, rtol=0, atol=1e-10 * float(gram.abs().max()))
+
+
+def test_gram_root_zero_and_indefinite():
+    root = spectra.gram_root(torch.zeros(5, 5, dtype=torch.float64))
+    assert torch.isfinite(root).all()
+    assert float(root.abs().max()) == 0.0
+    # slightly indefinite: a negative eigenvalue from round-off is floored, not a NaN
+    q, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    gram = q @ torch.diag(_t([3.0, 1.0, 1e-9, -1e-12])) @ q.T
+    root = spectra.gram_root(gram.float())  # float32 in: computed in float64
+    assert root.dtype == torch.float64
+    assert torch.isfinite(root).all()
+    torch.testing.assert_close(root @ root.T, gram, rtol=0, atol=1e-6)
+
+
+def test_gram_root_rejects_nan():
+    g = torch.eye(3, dtype=torch.float64)
+    g[0, 1] = float("nan")
+    with pytest.raises(NumericalError):
+        spectra.gram_root(g)
+
+
+# ---------------------------------------------------------------- allocation
+
+
+def _random_problem(seed: int, k: int, low: int, high: int):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [tuple(int(v) for v in torch.randint(low, high, (2,), generator=g)) for _ in range(k)]
+    energies = []
+    for m, n in shapes:
+        decay = 1 + 3 * float(torch.rand(1, generator=g))
+        scale = 0.1 + 10 * float(torch.rand(1, generator=g))
+        e = torch.rand(min(m, n), generator=g, dtype=torch.float64).sort(descending=True).values ** decay * scale
+        energies.append(e)
+    return shapes, energies
+
+
+def _objective(plan, energies, weights) -> float:
+    return sum(w * allocate.discarded_energy(e, r) for w, e, r in zip(weights, energies, plan))
+
+
+def test_cost_and_plan_cost():
+    assert allocate.cost(None, (10, 20)) == 200
+    assert allocate.cost(3, (10, 20)) == 90
+    assert allocate.cost(0, (10, 20)) == 0
+    shapes = [(10, 20), (8, 8), (5, 7)]
+    assert allocate.plan_cost([None, 2, 0], shapes) == 200 + 32 + 0
+    assert allocate.kept_fraction([None, None, None], shapes) == 1.0
+    assert allocate.kept_fraction([None, 2, 0], shapes) == pytest.approx(232 / 299)
+
+
+@pytest.mark.parametrize("shape,expected", [((10, 20), 6), ((64, 64), 31), ((3, 3), 1), ((1, 100), 0)])
+def test_max_factored_rank(shape, expected):
+    assert allocate.max_factored_rank(shape) == expected
+    m, n = shape
+    assert expected * (m + n) < m * n
+    assert (expected + 1) * (m + n) >= m * n
+
+
+@pytest.mark.parametrize("target", [0.1, 0.3, 0.5, 0.7, 0.9, 1.0])
+def test_uniform_plan_formula(target):
+    shapes = [(64, 64), (128, 64), (10, 1000), (576, 1536), (192, 576), (7, 9)]
+    plan = allocate.uniform_plan(shapes, target)
+    for (m, n), r in zip(shapes, plan):
+        expected = math.floor(Fraction(str(target)) * m * n / (m + n))
+        if expected > allocate.max_factored_rank((m, n)):
+            assert r is None
+        else:
+            assert r == expected
+    assert allocate.kept_fraction(plan, shapes) <= target + 1e-12
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -0.5, 1.5, 1.0000001])
+def test_check_target_rejects(bad):
+    with pytest.raises(UsageError):
+        allocate.check_target(bad)
+    with pytest.raises(UsageError):
+        allocate.uniform_plan([(4, 4)], bad)
+    with pytest.raises(UsageError):
+        allocate.greedy_plan([_t([1.0] * 4)], [(4, 4)], bad)
+    with pytest.raises(UsageError):
+        allocate.welore_plan([_t([1.0] * 4)], [(4, 4)], bad)
+
+
+def test_check_target_accepts():
+    for ok in (1e-6, 0.5, 1.0):
+        allocate.check_target(ok)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("target", [0.1, 0.3, 0.5, 0.7, 0.9])
+def test_greedy_meets_budget(seed, target):
+    shapes, energies = _random_problem(seed, k=10, low=128, high=768)
+    for weights in (None, [1.0 / float(e.sum()) for e in energies]):
+        plan = allocate.greedy_plan(energies, shapes, target, weights=weights)
+        kept = allocate.kept_fraction(plan, shapes)
+        assert kept <= target
+        assert kept >= target - 0.005
+        for r, shape in zip(plan, shapes):
+            assert r is None or 0 <= r <= allocate.max_factored_rank(shape)
+
+
+@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("target", [0.1, 0.25, 0.5, 0.75, 0.9])
+def test_greedy_leaves_no_affordable_step(seed, target):
+    """Whatever budget is left is smaller than the next step of every matrix not yet dense."""
+    shapes, energies = _random_problem(100 + seed, k=4, low=16, high=200)
+    plan = allocate.greedy_plan(energies, shapes, target)
+    budget = int(target * sum(m * n for m, n in shapes))
+    left = budget - allocate.plan_cost(plan, shapes)
+    assert left >= 0
+    for r, (m, n) in zip(plan, shapes):
+        if r is None:
+            continue
+        step = m + n if r < allocate.max_factored_rank((m, n)) else m * n - r * (m + n)
+        assert step > left
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("target", [0.1, 0.3, 0.5, 0.7, 0.9])
+def test_greedy_beats_uniform(seed, target):
+    shapes, energies = _random_problem(200 + seed, k=6, low=16, high=300)
+    for weights in ([1.0] * len(shapes), [1.0 / float(e.sum()) for e in energies]):
+        greedy = allocate.greedy_plan(energies, shapes, target, weights=weights)
+        uniform = allocate.uniform_plan(shapes, target)
+        assert _objective(greedy, energies, weights) <= _objective(uniform, energies, weights) * (1 + 1e-12)
+
+
+def test_greedy_prefers_concentrated_energy():
+    # Matrix 0 has all its energy in one value; matrix 1 spreads it evenly.
+    shapes = [(32, 32), (32, 32)]
+    energies = [torch.cat([_t([100.0]), torch.zeros(31, dtype=torch.float64)]), torch.full((32,), 100.0 / 32, dtype=torch.float64)]
+    plan = allocate.greedy_plan(energies, shapes, 0.25)
+    assert plan[0] == 1
+    assert plan[1] == int(0.25 * 2048) // 64 - 1
+
+
+def test_greedy_floors():
+    shapes, energies = _random_problem(7, k=3, low=64, high=128)
+    energies[0] = energies[0] * 1e-9  # nothing to gain in matrix 0: only its floor keeps it
+    plan = allocate.greedy_plan(energies, shapes, 0.3, floors=[5, 0, 0])
+    assert plan[0] is not None and plan[0] >= 5
+    assert allocate.kept_fraction(plan, shapes) <= 0.3
+    with pytest.raises(UsageError, match="floors"):
+        allocate.greedy_plan(energies, shapes, 0.05, floors=[40, 40, 40])
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("target", [0.1, 0.3, 0.5, 0.8, 1.0])
+def test_welore_plan(seed, target):
+    shapes, energies = _random_problem(300 + seed, k=6, low=32, high=256)
+    sv = [e.sqrt() for e in energies]
+    plan, tau = allocate.welore_plan(sv, shapes, target)
+    assert allocate.kept_fraction(plan, shapes) <= target + 1e-12
+    assert 0.0 <= tau <= 1.0 + 1e-9
+    for s, shape, r in zip(sv, shapes, plan):
+        count = spectra.welore_rank(s, tau)
+        assert r == (None if count > allocate.max_factored_rank(shape) else count)
+    if tau > 0:
+        # τ is the smallest feasible threshold: slightly lower would break the budget
+        lower = [spectra.welore_rank(s, tau - 1e-6) for s in sv]
+        lower_plan = [None if c > allocate.max_factored_rank(sh) else c for c, sh in zip(lower, shapes)]
+        assert allocate.kept_fraction(lower_plan, shapes) > target
+
+
+def test_discarded_energy():
+    e = _t([4.0, 2.0, 1.0, 0.5])
+    assert allocate.discarded_energy(e, None) == 0.0
+    assert allocate.discarded_energy(e, 0) == 7.5
+    assert allocate.discarded_energy(e, 2) == 1.5
+    assert allocate.discarded_energy(e, 4) == 0.0
