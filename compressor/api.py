@@ -54,6 +54,7 @@ def evaluate(
     loaded = _loaded(model)
     if not loaded.is_causal_lm:
         raise InvalidInputError(f"{loaded.source} is not a causal language model; perplexity needs one")
+    loaded.check_seq_len(seq_len)
     ids = tokenize_text(loaded.tokenizer, read_text_file(data))
     return perplexity(loaded.model, ids, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size)
 
@@ -61,6 +62,7 @@ def evaluate(
 def calibrate(
     loaded: LoadedModel, spec: str = "self", *, samples: int = 64, seq_len: int = 512, seed: int = 0
 ) -> CalibrationSet:
+    loaded.check_seq_len(seq_len)
     return load_calibration(spec, loaded.tokenizer, loaded.model, samples=samples, seq_len=seq_len, seed=seed)
 
 

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,20 @@ class LoadedModel:
     tokenizer: object
     source: str  # what the user asked for, resolved (recorded in every output)
     folder: Path | None  # the safetensors folder the weights came from, when there is one
+
+    @property
+    def max_positions(self) -> int | None:
+        config = self.model.config
+        for key in ("max_position_embeddings", "n_positions"):
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    def check_seq_len(self, seq_len: int) -> None:
+        limit = self.max_positions
+        if limit is not None and seq_len > limit:
+            raise UsageError(f"--seq-len {seq_len} exceeds the model's {limit} positions")
 
     @property
     def is_causal_lm(self) -> bool:
@@ -115,7 +130,7 @@ def _from_pretrained(where: str | Path, dtype: torch.dtype, causal: bool | None 
 
     try:
         config = transformers.AutoConfig.from_pretrained(where, **kwargs)
-    except (OSError, ValueError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, struct.error) as e:
         raise InvalidInputError(f"cannot read the model config at {where}: {_first_line(e)}") from e
     if causal is None:
         causal = _causal(config)
@@ -125,7 +140,7 @@ def _from_pretrained(where: str | Path, dtype: torch.dtype, causal: bool | None 
         tokenizer = transformers.AutoTokenizer.from_pretrained(where, **kwargs)
     except MemoryError as e:
         raise OutOfResourcesError(f"out of memory while loading {where}") from e
-    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError, struct.error) as e:
         raise InvalidInputError(f"cannot load the model at {where}: {_first_line(e)}") from e
     model.eval()
     return model, tokenizer

@@ -43,8 +43,10 @@ def check_target(target: float) -> None:
 
 
 def uniform_plan(shapes: Sequence[Shape], target: float) -> Plan:
-    """Every matrix keeps the same fraction: r = ⌊R·mn/(m+n)⌋."""
+    """Every matrix keeps the same fraction: r = ⌊R·mn/(m+n)⌋ (R = 1 keeps everything dense)."""
     check_target(target)
+    if target == 1:
+        return [None] * len(shapes)
     plan: Plan = []
     for m, n in shapes:
         r = int(target * m * n // (m + n))

@@ -20,13 +20,18 @@ def singular_values(weight: torch.Tensor) -> torch.Tensor:
 
 
 def gram_root(gram: torch.Tensor) -> torch.Tensor:
-    """S with S·Sᵀ = XᵀX, from an eigendecomposition with negative eigenvalues floored at 0.
+    """S with S·Sᵀ = XᵀX.
 
-    Unlike a Cholesky factor this exists for rank-deficient and slightly indefinite Grams
-    (eigenvalue ratios of 1e-8 occur in real models), so it never fails.
+    The Cholesky factor when XᵀX is numerically positive definite (fast); otherwise, for
+    rank-deficient or slightly indefinite Grams (eigenvalue ratios of 1e-8 occur in real
+    models), Q·Λ^½ from an eigendecomposition with negative eigenvalues floored at 0, which
+    always exists. Any S with S·Sᵀ = XᵀX gives the same whitened spectrum and subspaces.
     """
     g = _check_finite(gram.to(torch.float64), "Gram matrix")
     g = (g + g.T) / 2
+    factor, info = torch.linalg.cholesky_ex(g)
+    if info.item() == 0 and torch.isfinite(factor).all():
+        return factor
     eigvals, eigvecs = torch.linalg.eigh(g)
     return eigvecs * eigvals.clamp_min(0).sqrt()
 
