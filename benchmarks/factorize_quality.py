@@ -22,7 +22,7 @@ import torch
 from compressor import api
 from compressor.calibration.sources import tokenize_text
 from compressor.evaluate import perplexity
-from compressor.factorize import FactorizeOptions, factorize_model
+from compressor.factorize import FactorizeOptions, decompose_all, factorize_model
 from compressor.loading import load_model
 from compressor.targets import select_targets
 
@@ -36,7 +36,11 @@ def main() -> None:
     parser.add_argument("--eval", default=str(DATA / "wikitext2-raw-test.txt"))
     parser.add_argument("--targets", type=float, nargs="+", default=[0.8, 0.6, 0.5])
     parser.add_argument("--allocs", nargs="+", default=["uniform", "welore", "global"])
-    parser.add_argument("--modes", nargs="+", default=["one-shot", "sequential"])
+    parser.add_argument("--modes", nargs="+", default=["one-shot"])
+    parser.add_argument(
+        "--sequential", nargs="*", default=["0.8:global", "0.6:global"], metavar="TARGET:ALLOC",
+        help="configurations also run with --sequential (a full second calibration pass each)",
+    )
     parser.add_argument("--methods", nargs="+", default=["whiten"])
     parser.add_argument("--self-calib", action="store_true", help="also run the default configuration with --calib self")
     parser.add_argument("--calib-samples", type=int, default=64)
@@ -64,15 +68,23 @@ def main() -> None:
         for target, method, alloc, mode in itertools.product(args.targets, args.methods, args.allocs, args.modes)
         for calib_name in ["wikitext2-valid"]
     ]
+    for spec in args.sequential:
+        target, alloc = spec.split(":")
+        configs.append(("wikitext2-valid", float(target), "whiten", alloc, "sequential"))
     if args.self_calib:
-        configs += [("self", t, "whiten", args.allocs[-1], args.modes[0]) for t in args.targets]
+        configs += [("self", t, "whiten", "global", "one-shot") for t in args.targets]
+    # Pass 1 (decomposing the original weights) is shared by every one-shot configuration.
+    shared: dict[tuple[str, str], dict] = {}
     for calib_name, target, method, alloc, mode in configs:
         model = copy.deepcopy(original)
         targets = select_targets(model)
         options = FactorizeOptions(target=target, method=method, alloc=alloc, sequential=mode == "sequential")
         start = time.perf_counter()
         calibration = calibrations[calib_name] if method == "whiten" else None
-        outcome = factorize_model(model, targets, options, calibration)
+        key = (calib_name, method)
+        if key not in shared:
+            shared[key] = decompose_all(model, targets, calibration)
+        outcome = factorize_model(model, targets, options, calibration, decompositions=shared[key])
         seconds = time.perf_counter() - start
         row = {
             "calibration": calib_name,

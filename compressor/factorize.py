@@ -125,6 +125,7 @@ def plan_ranks(options: FactorizeOptions, targets: list[Target], spectra: dict[s
     shapes = [t.shape for t in targets]
     energies = [spectra[t.name].to(torch.float64) ** 2 for t in targets]
     threshold = None
+    weights = [1.0 / float(e.sum()) if float(e.sum()) > 0 else 0.0 for e in energies]
     if options.alloc == "uniform":
         ranks = allocate.uniform_plan(shapes, options.target)
     elif options.alloc == "welore":
@@ -132,8 +133,9 @@ def plan_ranks(options: FactorizeOptions, targets: list[Target], spectra: dict[s
     else:
         uniform = allocate.uniform_plan(shapes, options.target)
         floors = [int(options.floor_fraction * (r if r is not None else allocate.max_factored_rank(s))) for r, s in zip(uniform, shapes)]
-        weights = [1.0 / float(e.sum()) if float(e.sum()) > 0 else 0.0 for e in energies]
         ranks = allocate.greedy_plan(energies, shapes, options.target, weights=weights, floors=floors)
+    if options.target < 1:
+        ranks = allocate.fill_budget(ranks, energies, shapes, options.target, weights)
     modules = [
         ModulePlan(
             name=t.name,
@@ -236,22 +238,30 @@ def factorize_model(
     options: FactorizeOptions,
     calibration: CalibrationSet | None,
     dry_run: bool = False,
+    decompositions: dict[str, Decomposition] | None = None,
 ) -> FactorizeOutcome:
+    """Factor ``targets`` of ``model`` in place (unless ``dry_run``).
+
+    ``decompositions`` from an earlier :func:`decompose_all` of the same weights and
+    calibration may be passed to skip pass 1 (benchmarks reuse them across targets).
+    """
     options.validate()
     if options.needs_calibration and calibration is None:
         raise UsageError("--method whiten needs calibration data")
     start = time.perf_counter()
     before = count_params(model)
-    decompositions = decompose_all(model, targets, calibration if options.needs_calibration else None)
-    plain = {name: d.sv for name, d in decompositions.items()} if not options.needs_calibration else None
-    if options.alloc == "welore" and plain is None:
-        plain = {t.name: torch.linalg.svdvals(t.weight().to(torch.float64)) for t in targets}
-    plan = plan_ranks(options, targets, {n: d.sv for n, d in decompositions.items()}, plain or {})
+    if decompositions is None:
+        decompositions = decompose_all(model, targets, calibration if options.needs_calibration else None)
+    spectra = {t.name: decompositions[t.name].sv for t in targets}
+    plain = spectra if not options.needs_calibration else {}
+    if options.alloc == "welore" and options.needs_calibration:
+        plain = {t.name: torch.linalg.svdvals(t.weight().to("cpu", torch.float64)) for t in targets}
+    plan = plan_ranks(options, targets, spectra, plain)
     after = before - plan.params_before + plan.params_after
     if dry_run:
         return FactorizeOutcome(plan, before, after, time.perf_counter() - start)
-    sequential_decs = None if (options.sequential and options.needs_calibration) else decompositions
     if options.sequential and options.needs_calibration:
-        decompositions.clear()
-    errors = factor_targets(model, targets, plan, sequential_decs, calibration if options.needs_calibration else None)
+        errors = factor_targets(model, targets, plan, None, calibration)
+    else:
+        errors = factor_targets(model, targets, plan, decompositions, None)
     return FactorizeOutcome(plan, before, count_params(model), time.perf_counter() - start, errors)

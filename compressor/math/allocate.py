@@ -145,6 +145,41 @@ def greedy_plan(
     return [None if d else r for r, d in zip(ranks, dense)]
 
 
+def fill_budget(
+    plan: Plan,
+    energies: Sequence[torch.Tensor],
+    shapes: Sequence[Shape],
+    target: float,
+    weights: Sequence[float] | None = None,
+) -> Plan:
+    """Spend what a plan leaves of the budget on single rank steps, best weighted gain first.
+
+    Rounding each matrix's rank down can leave up to one step per matrix unspent; this makes
+    every allocation reach the target within one step of the smallest matrix.
+    """
+    budget = int(target * sum(m * n for m, n in shapes))
+    spent = plan_cost(plan, shapes)
+    weights = [1.0] * len(shapes) if weights is None else list(weights)
+    ranks = list(plan)
+
+    def gain(i: int) -> float:
+        r = ranks[i]
+        return weights[i] * float(energies[i][r]) if r < energies[i].numel() else 0.0
+
+    heap = [(-gain(i), i) for i, r in enumerate(ranks) if r is not None and r < max_factored_rank(shapes[i])]
+    heapq.heapify(heap)
+    while heap:
+        _, i = heapq.heappop(heap)
+        m, n = shapes[i]
+        if spent + m + n > budget:
+            continue
+        ranks[i] += 1
+        spent += m + n
+        if ranks[i] < max_factored_rank(shapes[i]):
+            heapq.heappush(heap, (-gain(i), i))
+    return ranks
+
+
 def discarded_energy(energy: torch.Tensor, rank: int | None) -> float:
     """Σ of the squared singular values a plan entry drops (0 for dense)."""
     if rank is None:

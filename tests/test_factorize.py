@@ -1,0 +1,171 @@
+"""The factorize pipeline on tiny models: budget, predicted vs measured error, files, CLI."""
+
+import json
+
+import pytest
+import torch
+
+import compressor
+from compressor import api
+from compressor.calibration.sources import load_calibration
+from compressor.cli import run
+from compressor.factorize import FactorizeOptions, factorize_model
+from compressor.formats.factored import FactoredLinear, factored_modules, load_factored
+from compressor.loading import load_model
+from compressor.pipeline import collect_grams_whole_model
+from compressor.targets import select_targets
+
+
+def _calibration(tiny, text_file, samples=6, seq_len=24):
+    return load_calibration(str(text_file), tiny.tokenizer, samples=samples, seq_len=seq_len, seed=0)
+
+
+def _fresh(tiny):
+    return load_model(str(tiny.path)).model
+
+
+@pytest.mark.parametrize("alloc", ["global", "uniform", "welore"])
+@pytest.mark.parametrize("target", [0.8, 0.5, 0.3])
+def test_target_is_met_exactly(tiny_llama, text_file, alloc, target):
+    model = _fresh(tiny_llama)
+    outcome = factorize_model(
+        model, select_targets(model), FactorizeOptions(target, alloc=alloc), _calibration(tiny_llama, text_file), dry_run=True
+    )
+    kept = outcome.plan.kept_fraction
+    assert kept <= target + 1e-12
+    assert target - kept <= 0.005
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_predicted_error_equals_measured_on_calibration(request, text_file, kind):
+    tiny = request.getfixturevalue(f"tiny_{kind}")
+    model = _fresh(tiny)
+    calibration = _calibration(tiny, text_file)
+    targets = select_targets(model)
+    weights = {t.name: t.weight().to(torch.float64).clone() for t in targets}
+    grams = collect_grams_whole_model(model, calibration.batches(4), targets)
+    outcome = factorize_model(model, targets, FactorizeOptions(0.5), calibration)
+    factored = factored_modules(model)
+    assert factored, "nothing was factored"
+    for plan in outcome.plan.modules:
+        if plan.rank is None:
+            continue
+        delta = weights[plan.name] - factored[plan.name].dense_weight().to(torch.float64)
+        measured = torch.trace(delta @ grams[plan.name].matrix @ delta.T).item()
+        assert measured == pytest.approx(plan.discarded, rel=1e-3, abs=1e-6 * plan.energy)
+
+
+def test_global_allocation_beats_uniform_on_its_objective(tiny_llama, text_file):
+    calibration = _calibration(tiny_llama, text_file)
+    errors = {}
+    for alloc in ("global", "uniform"):
+        model = _fresh(tiny_llama)
+        outcome = factorize_model(model, select_targets(model), FactorizeOptions(0.5, alloc=alloc), calibration, dry_run=True)
+        errors[alloc] = outcome.plan.mean_relative_error
+    assert errors["global"] <= errors["uniform"]
+
+
+def test_sequential_uses_the_same_plan_and_stays_close(tiny_llama, text_file):
+    calibration = _calibration(tiny_llama, text_file)
+    plans, logits = {}, {}
+    ids = calibration.input_ids[:2]
+    for sequential in (False, True):
+        model = _fresh(tiny_llama)
+        outcome = factorize_model(model, select_targets(model), FactorizeOptions(0.7, sequential=sequential), calibration)
+        plans[sequential] = outcome.plan.ranks
+        with torch.no_grad():
+            logits[sequential] = model(ids).logits
+    assert plans[True] == plans[False]
+    assert not torch.equal(logits[True], logits[False])  # re-whitened on the factored prefix
+    assert torch.isfinite(logits[True]).all()
+
+
+def test_saved_checkpoint_loads_with_identical_logits(tiny_llama, text_file, tmp_path):
+    loaded = load_model(str(tiny_llama.path))
+    out = tmp_path / "factored"
+    result = api.factorize(
+        loaded, FactorizeOptions(0.6), calib=str(text_file), calib_samples=6, seq_len=24, output=out
+    )
+    assert result.file_bytes and result.file_bytes > 0
+    ids = torch.tensor([[1, 5, 9, 14, 30, 2, 7, 8]])
+    with torch.no_grad():
+        expected = loaded.model(ids).logits
+        reloaded, tokenizer = compressor.load(out)
+        assert tokenizer is not None
+        assert torch.allclose(reloaded(ids).logits, expected, atol=1e-6, rtol=0)
+        import transformers
+
+        stock = transformers.AutoModelForCausalLM.from_pretrained(out)
+        assert torch.allclose(stock(ids).logits, expected, atol=1e-6, rtol=0)
+    config = json.loads((out / "config.json").read_text())
+    q = config["quantization_config"]
+    assert q["quant_method"] == "compress_lowrank" and q["target"] == 0.6
+    assert q["calibration"]["spec"] == str(text_file)
+    assert q["ranks"] == {n: m.rank for n, m in factored_modules(reloaded).items()}
+    assert config["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_cli_factorize_verify_export(tiny_gpt2, text_file, small_text_file, tmp_path):
+    out, dense = tmp_path / "f", tmp_path / "dense"
+    args = ["factorize", str(tiny_gpt2.path), "--target", "0.5", "-o", str(out), "--calib", str(text_file),
+            "--calib-samples", "4", "--seq-len", "16", "--json", str(tmp_path / "f.json")]
+    assert run(args) == 0
+    report = json.loads((tmp_path / "f.json").read_text())
+    assert 0.495 <= report["kept_fraction"] <= 0.5
+    assert report["model_fraction"] > report["kept_fraction"]  # embeddings and head stay
+    assert report["file_bytes"] > 0
+    assert run(args) == 2  # refuses to overwrite
+    assert run(["verify", str(out), "--against", str(tiny_gpt2.path), "--data", str(small_text_file),
+                "--seq-len", "16", "--json", str(tmp_path / "v.json")]) == 0
+    verdict = json.loads((tmp_path / "v.json").read_text())
+    assert 0 <= verdict["comparison"]["top1_agreement"] <= 1
+    assert verdict["factored_modules"] == len(report["plan"]["modules"]) - sum(
+        m["rank"] is None for m in report["plan"]["modules"].values())
+    assert run(["export-dense", str(out), "-o", str(dense)]) == 0
+    factored, _ = load_factored(out)
+    import transformers
+
+    plain = transformers.AutoModelForCausalLM.from_pretrained(dense)
+    assert not any(isinstance(m, FactoredLinear) for m in plain.modules())
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, factored(ids).logits, atol=1e-5)
+
+
+def test_dry_run_writes_nothing(tiny_llama, text_file, tmp_path):
+    out = tmp_path / "never"
+    assert run(["factorize", str(tiny_llama.path), "--target", "0.5", "-o", str(out), "--dry-run",
+                "--calib", str(text_file), "--calib-samples", "4", "--seq-len", "16"]) == 0
+    assert not out.exists()
+
+
+def test_factorize_usage_errors_fail_before_loading(tmp_path, text_file):
+    missing = str(tmp_path / "no-model")
+    assert run(["factorize", missing, "--target", "1.5", "-o", str(tmp_path / "o")]) == 2
+    assert run(["factorize", missing, "--target", "0.5", "--alloc", "magic", "-o", str(tmp_path / "o")]) == 2
+    assert run(["factorize", missing, "--target", "0.5", "--method", "qr", "-o", str(tmp_path / "o")]) == 2
+    assert run(["factorize", missing, "--target", "0.5"]) == 2  # no -o and no --dry-run
+    assert run(["factorize", missing, "--target", "0.5", "--calib", str(tmp_path / "x.txt"), "-o", str(tmp_path / "o")]) == 3
+
+
+def test_plain_svd_needs_no_calibration(tiny_bert, tmp_path):
+    out = tmp_path / "bert"
+    assert run(["factorize", str(tiny_bert.path), "--target", "0.7", "--method", "svd", "--alloc", "uniform", "-o", str(out)]) == 0
+    model, _ = load_factored(out)
+    assert type(model).__name__ == "BertModel"
+    config = json.loads((out / "config.json").read_text())
+    assert not config["quantization_config"]["calibration"]  # no calibration was used
+
+
+def test_verify_detects_nan(tiny_llama, text_file, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "f"
+    api.factorize(load_model(str(tiny_llama.path)), FactorizeOptions(0.5), calib=str(text_file),
+                  calib_samples=4, seq_len=16, output=out)
+    file = out / "model.safetensors"
+    tensors = load_file(file)
+    name = next(k for k in tensors if k.endswith("weight_a"))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, file, metadata={"format": "pt"})
+    assert run(["verify", str(out)]) == 4
