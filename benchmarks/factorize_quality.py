@@ -22,7 +22,8 @@ import torch
 from compressor import api
 from compressor.calibration.sources import tokenize_text
 from compressor.evaluate import perplexity
-from compressor.factorize import FactorizeOptions, decompose_all, factorize_model
+from compressor.factorize import SENSITIVITY_WINDOWS, FactorizeOptions, decompose_all, factorize_model
+from compressor.sensitivity import output_sensitivities
 from compressor.loading import load_model
 from compressor.targets import select_targets
 
@@ -75,6 +76,7 @@ def main() -> None:
         configs += [("self", t, "whiten", "global", "one-shot") for t in args.targets]
     # Pass 1 (decomposing the original weights) is shared by every one-shot configuration.
     shared: dict[tuple[str, str], dict] = {}
+    sensitivities: dict[str, dict] = {}
     for calib_name, target, method, alloc, mode in configs:
         model = copy.deepcopy(original)
         targets = select_targets(model)
@@ -84,7 +86,13 @@ def main() -> None:
         key = (calib_name, method)
         if key not in shared:
             shared[key] = decompose_all(model, targets, calibration)
-        outcome = factorize_model(model, targets, options, calibration, decompositions=shared[key])
+        if alloc == "fisher" and calib_name not in sensitivities:
+            sensitivities[calib_name] = output_sensitivities(
+                model, targets, calibration.batches(2)[: SENSITIVITY_WINDOWS // 2]
+            )
+        outcome = factorize_model(
+            model, targets, options, calibration, decompositions=shared[key], sensitivities=sensitivities.get(calib_name)
+        )
         seconds = time.perf_counter() - start
         row = {
             "calibration": calib_name,

@@ -22,10 +22,12 @@ from compressor.math.factorize import Decomposition, svd_decomposition, whitened
 from compressor.math.spectra import gram_root
 from compressor.pipeline import iterate_blocks
 from compressor.progress import track
+from compressor.sensitivity import output_sensitivities
 from compressor.targets import Target
 
 METHODS = ("whiten", "svd")
-ALLOCATIONS = ("global", "uniform", "welore")
+ALLOCATIONS = ("global", "uniform", "welore", "fisher")
+SENSITIVITY_WINDOWS = 16
 CALIBRATION_BATCH = 8
 
 
@@ -120,8 +122,15 @@ class FactorizePlan:
         }
 
 
-def plan_ranks(options: FactorizeOptions, targets: list[Target], spectra: dict[str, torch.Tensor], plain: dict[str, torch.Tensor]) -> FactorizePlan:
-    """Choose every target's rank. ``spectra``: singular values in the method's metric; ``plain``: of W."""
+def plan_ranks(
+    options: FactorizeOptions,
+    targets: list[Target],
+    spectra: dict[str, torch.Tensor],
+    plain: dict[str, torch.Tensor],
+    sensitivities: dict[str, float] | None = None,
+) -> FactorizePlan:
+    """Choose every target's rank. ``spectra``: singular values in the method's metric; ``plain``: of W;
+    ``sensitivities``: loss per unit of output error (``fisher`` allocation)."""
     shapes = [t.shape for t in targets]
     energies = [spectra[t.name].to(torch.float64) ** 2 for t in targets]
     threshold = None
@@ -133,6 +142,10 @@ def plan_ranks(options: FactorizeOptions, targets: list[Target], spectra: dict[s
     else:
         uniform = allocate.uniform_plan(shapes, options.target)
         floors = [int(options.floor_fraction * (r if r is not None else allocate.max_factored_rank(s))) for r, s in zip(uniform, shapes)]
+        if options.alloc == "fisher":
+            if sensitivities is None:
+                raise ValueError("the fisher allocation needs output sensitivities")
+            weights = [sensitivities[t.name] for t in targets]
         ranks = allocate.greedy_plan(energies, shapes, options.target, weights=weights, floors=floors)
     if options.target < 1:
         ranks = allocate.fill_budget(ranks, energies, shapes, options.target, weights)
@@ -170,12 +183,12 @@ def decompose_all(
 ) -> dict[str, Decomposition]:
     """Pass 1: every target decomposed on the original model (kept only up to useful ranks)."""
     if calibration is None:
-        return {t.name: svd_decomposition(t.weight()).truncated(allocate.max_factored_rank(t.shape)) for t in track(targets, description="decomposing")}
+        return {t.name: svd_decomposition(t.weight()).truncated(allocate.max_factored_rank(t.shape), torch.float32) for t in track(targets, description="decomposing")}
     decompositions = {}
     for step in iterate_blocks(model, calibration.batches(CALIBRATION_BATCH), targets, description="calibrating, decomposing"):
         for name, d in _decompose_block(step.targets, step.collect_grams()).items():
             shape = next(t.shape for t in step.targets if t.name == name)
-            decompositions[name] = d.truncated(allocate.max_factored_rank(shape))
+            decompositions[name] = d.truncated(allocate.max_factored_rank(shape), torch.float32)
     return decompositions
 
 
@@ -239,6 +252,7 @@ def factorize_model(
     calibration: CalibrationSet | None,
     dry_run: bool = False,
     decompositions: dict[str, Decomposition] | None = None,
+    sensitivities: dict[str, float] | None = None,
 ) -> FactorizeOutcome:
     """Factor ``targets`` of ``model`` in place (unless ``dry_run``).
 
@@ -256,7 +270,11 @@ def factorize_model(
     plain = spectra if not options.needs_calibration else {}
     if options.alloc == "welore" and options.needs_calibration:
         plain = {t.name: torch.linalg.svdvals(t.weight().to("cpu", torch.float64)) for t in targets}
-    plan = plan_ranks(options, targets, spectra, plain)
+    if options.alloc == "fisher" and sensitivities is None:
+        if calibration is None:
+            raise UsageError("--alloc fisher needs calibration data")
+        sensitivities = output_sensitivities(model, targets, calibration.batches(2)[: SENSITIVITY_WINDOWS // 2])
+    plan = plan_ranks(options, targets, spectra, plain, sensitivities)
     after = before - plan.params_before + plan.params_after
     if dry_run:
         return FactorizeOutcome(plan, before, after, time.perf_counter() - start)

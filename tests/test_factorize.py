@@ -169,3 +169,28 @@ def test_verify_detects_nan(tiny_llama, text_file, tmp_path):
     tensors[name][0, 0] = float("nan")
     save_file(tensors, file, metadata={"format": "pt"})
     assert run(["verify", str(out)]) == 4
+
+
+def test_sensitivities_match_a_direct_gradient(tiny_llama, text_file):
+    from compressor.sensitivity import output_sensitivities
+
+    model = _fresh(tiny_llama)
+    targets = select_targets(model)
+    batch = _calibration(tiny_llama, text_file, samples=2, seq_len=16).input_ids
+    got = output_sensitivities(model, targets, [batch])
+    assert all(p.requires_grad for p in model.parameters())  # restored
+    # Direct: gradient of the summed NLL with respect to one module's output.
+    target = targets[0]
+    captured = {}
+    handle = target.module.register_forward_hook(lambda m, i, o: captured.setdefault("y", o.retain_grad() or o))
+    logits = model(batch).logits[:, :-1]
+    torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="sum").backward()
+    handle.remove()
+    expected = captured["y"].grad.pow(2).sum().item() / batch[:, 1:].numel() / target.shape[0]
+    assert got[target.name] == pytest.approx(expected, rel=1e-5)
+
+
+def test_fisher_allocation_meets_the_budget(tiny_llama, text_file):
+    model = _fresh(tiny_llama)
+    outcome = factorize_model(model, select_targets(model), FactorizeOptions(0.6, alloc="fisher"), _calibration(tiny_llama, text_file))
+    assert 0.595 <= outcome.plan.kept_fraction <= 0.6

@@ -30,10 +30,14 @@ class Decomposition:
     def energies(self) -> torch.Tensor:
         return self.sv**2
 
-    def truncated(self, keep: int) -> "Decomposition":
-        """Only what ranks up to ``keep`` need (the energies stay whole), to save memory."""
-        vh = None if self.vh is None else self.vh[:keep].clone()
-        return Decomposition(self.u[:, :keep].clone(), self.sv, self.whitened, vh)
+    def truncated(self, keep: int, dtype: torch.dtype = torch.float64) -> "Decomposition":
+        """Only what ranks up to ``keep`` need (the energies stay whole), to save memory.
+
+        Singular vectors kept in float32 halve the memory; B·A then deviates from the float64
+        optimum by ~1e-7 relative, far below any truncation error.
+        """
+        vh = None if self.vh is None else self.vh[:keep].to(dtype, copy=True)
+        return Decomposition(self.u[:, :keep].to(dtype, copy=True), self.sv, self.whitened, vh)
 
     def factors(self, weight: torch.Tensor, rank: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """(B [out, r], A [r, in]) with B·A the best rank-r approximation of ``weight`` in this metric."""
