@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--calib", default=str(DATA / "wikitext2-valid.txt"))
     parser.add_argument("--eval", default=str(DATA / "wikitext2-raw-test.txt"))
     parser.add_argument("--targets", type=float, nargs="+", default=[0.8, 0.6, 0.5])
-    parser.add_argument("--allocs", nargs="+", default=["uniform", "welore", "global"])
+    parser.add_argument("--allocs", nargs="+", default=["global", "relative", "uniform", "welore"])
     parser.add_argument("--modes", nargs="+", default=["one-shot"])
     parser.add_argument(
         "--sequential", nargs="*", default=["0.8:global", "0.6:global"], metavar="TARGET:ALLOC",
@@ -86,7 +86,7 @@ def main() -> None:
         key = (calib_name, method)
         if key not in shared:
             shared[key] = decompose_all(model, targets, calibration)
-        if alloc == "fisher" and calib_name not in sensitivities:
+        if alloc == "global" and calib_name not in sensitivities:
             sensitivities[calib_name] = output_sensitivities(
                 model, targets, calibration.batches(2)[: SENSITIVITY_WINDOWS // 2]
             )

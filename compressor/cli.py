@@ -221,7 +221,7 @@ def factorize_command(
     seq_len: SeqLenOpt = 512,
     seed: SeedOpt = 0,
     method: Annotated[str, typer.Option("--method", help="whiten (activation-aware) or svd (plain).")] = "whiten",
-    alloc: Annotated[str, typer.Option("--alloc", help="Rank allocation: global, uniform or welore.")] = "global",
+    alloc: Annotated[str, typer.Option("--alloc", help="Rank allocation: global (sensitivity-weighted), relative, uniform or welore.")] = "global",
     sequential: Annotated[bool, typer.Option("--sequential", help="Whiten each block on the factored blocks' outputs.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the rank plan and sizes; write nothing.")] = False,
     include: IncludeOpt = None,

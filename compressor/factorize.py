@@ -8,6 +8,7 @@ re-whitens each block on the inputs that the already-factored blocks before it p
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -25,8 +26,10 @@ from compressor.progress import track
 from compressor.sensitivity import output_sensitivities
 from compressor.targets import Target
 
+log = logging.getLogger(__name__)
+
 METHODS = ("whiten", "svd")
-ALLOCATIONS = ("global", "uniform", "welore", "fisher")
+ALLOCATIONS = ("global", "relative", "uniform", "welore")
 SENSITIVITY_WINDOWS = 16
 CALIBRATION_BATCH = 8
 
@@ -50,7 +53,7 @@ class FactorizeOptions:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method == "whiten"
+        return self.method == "whiten" or self.alloc == "global"
 
 
 @dataclass
@@ -130,7 +133,7 @@ def plan_ranks(
     sensitivities: dict[str, float] | None = None,
 ) -> FactorizePlan:
     """Choose every target's rank. ``spectra``: singular values in the method's metric; ``plain``: of W;
-    ``sensitivities``: loss per unit of output error (``fisher`` allocation)."""
+    ``sensitivities``: loss per unit of output error (``global`` allocation)."""
     shapes = [t.shape for t in targets]
     energies = [spectra[t.name].to(torch.float64) ** 2 for t in targets]
     threshold = None
@@ -142,9 +145,7 @@ def plan_ranks(
     else:
         uniform = allocate.uniform_plan(shapes, options.target)
         floors = [int(options.floor_fraction * (r if r is not None else allocate.max_factored_rank(s))) for r, s in zip(uniform, shapes)]
-        if options.alloc == "fisher":
-            if sensitivities is None:
-                raise ValueError("the fisher allocation needs output sensitivities")
+        if options.alloc == "global" and sensitivities is not None:
             weights = [sensitivities[t.name] for t in targets]
         ranks = allocate.greedy_plan(energies, shapes, options.target, weights=weights, floors=floors)
     if options.target < 1:
@@ -240,6 +241,10 @@ class FactorizeOutcome:
         return self.model_params_after / self.model_params_before
 
 
+def _has_lm_head(model: nn.Module) -> bool:
+    return hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
+
+
 def count_params(model: nn.Module) -> int:
     """Parameters of the model, tied tensors counted once."""
     return sum(p.numel() for p in model.parameters())
@@ -261,24 +266,27 @@ def factorize_model(
     """
     options.validate()
     if options.needs_calibration and calibration is None:
-        raise UsageError("--method whiten needs calibration data")
+        raise UsageError(f"--method {options.method} --alloc {options.alloc} needs calibration data")
     start = time.perf_counter()
     before = count_params(model)
     if decompositions is None:
-        decompositions = decompose_all(model, targets, calibration if options.needs_calibration else None)
+        decompositions = decompose_all(model, targets, calibration if options.method == "whiten" else None)
     spectra = {t.name: decompositions[t.name].sv for t in targets}
-    plain = spectra if not options.needs_calibration else {}
-    if options.alloc == "welore" and options.needs_calibration:
+    plain = spectra if options.method == "svd" else {}
+    if options.alloc == "welore" and options.method == "whiten":
         plain = {t.name: torch.linalg.svdvals(t.weight().to("cpu", torch.float64)) for t in targets}
-    if options.alloc == "fisher" and sensitivities is None:
+    if options.alloc == "global" and sensitivities is None:
         if calibration is None:
-            raise UsageError("--alloc fisher needs calibration data")
-        sensitivities = output_sensitivities(model, targets, calibration.batches(2)[: SENSITIVITY_WINDOWS // 2])
+            raise UsageError("--alloc global needs calibration data")
+        if _has_lm_head(model):
+            sensitivities = output_sensitivities(model, targets, calibration.batches(2)[: SENSITIVITY_WINDOWS // 2])
+        else:
+            log.warning("%s has no language-model head: --alloc global falls back to relative errors", type(model).__name__)
     plan = plan_ranks(options, targets, spectra, plain, sensitivities)
     after = before - plan.params_before + plan.params_after
     if dry_run:
         return FactorizeOutcome(plan, before, after, time.perf_counter() - start)
-    if options.sequential and options.needs_calibration:
+    if options.sequential and options.method == "whiten":
         errors = factor_targets(model, targets, plan, None, calibration)
     else:
         errors = factor_targets(model, targets, plan, decompositions, None)

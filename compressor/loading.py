@@ -131,7 +131,7 @@ def _from_pretrained(where: str | Path, dtype: torch.dtype, causal: bool | None 
     try:
         config = transformers.AutoConfig.from_pretrained(where, **kwargs)
     except (OSError, ValueError, struct.error) as e:
-        raise InvalidInputError(f"cannot read the model config at {where}: {_first_line(e)}") from e
+        raise InvalidInputError(f"cannot read the model config at {where}: {first_line(e)}") from e
     if causal is None:
         causal = _causal(config)
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
@@ -141,12 +141,13 @@ def _from_pretrained(where: str | Path, dtype: torch.dtype, causal: bool | None 
     except MemoryError as e:
         raise OutOfResourcesError(f"out of memory while loading {where}") from e
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError, struct.error) as e:
-        raise InvalidInputError(f"cannot load the model at {where}: {_first_line(e)}") from e
+        raise InvalidInputError(f"cannot load the model at {where}: {first_line(e)}") from e
     model.eval()
     return model, tokenizer
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line, for one-line error reports."""
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0]
 

@@ -55,14 +55,14 @@ def test_predicted_error_equals_measured_on_calibration(request, text_file, kind
         assert measured == pytest.approx(plan.discarded, rel=1e-3, abs=1e-6 * plan.energy)
 
 
-def test_global_allocation_beats_uniform_on_its_objective(tiny_llama, text_file):
+def test_relative_allocation_beats_uniform_on_its_objective(tiny_llama, text_file):
     calibration = _calibration(tiny_llama, text_file)
     errors = {}
-    for alloc in ("global", "uniform"):
+    for alloc in ("relative", "uniform"):
         model = _fresh(tiny_llama)
         outcome = factorize_model(model, select_targets(model), FactorizeOptions(0.5, alloc=alloc), calibration, dry_run=True)
         errors[alloc] = outcome.plan.mean_relative_error
-    assert errors["global"] <= errors["uniform"]
+    assert errors["relative"] <= errors["uniform"]
 
 
 def test_sequential_uses_the_same_plan_and_stays_close(tiny_llama, text_file):
@@ -190,7 +190,23 @@ def test_sensitivities_match_a_direct_gradient(tiny_llama, text_file):
     assert got[target.name] == pytest.approx(expected, rel=1e-5)
 
 
-def test_fisher_allocation_meets_the_budget(tiny_llama, text_file):
+def test_global_allocation_minimizes_sensitivity_weighted_error(tiny_llama, text_file):
+    from compressor.sensitivity import output_sensitivities
+
+    calibration = _calibration(tiny_llama, text_file)
     model = _fresh(tiny_llama)
-    outcome = factorize_model(model, select_targets(model), FactorizeOptions(0.6, alloc="fisher"), _calibration(tiny_llama, text_file))
+    targets = select_targets(model)
+    sens = output_sensitivities(model, targets, calibration.batches(2)[:8])
+    predicted = {}
+    for alloc in ("global", "relative", "uniform"):
+        outcome = factorize_model(model, targets, FactorizeOptions(0.6, alloc=alloc), calibration, dry_run=True, sensitivities=sens)
+        assert 0.595 <= outcome.plan.kept_fraction <= 0.6
+        predicted[alloc] = sum(sens[m.name] * m.discarded for m in outcome.plan.modules)
+    assert predicted["global"] <= predicted["relative"] and predicted["global"] <= predicted["uniform"]
+
+
+def test_global_on_an_encoder_falls_back_to_relative(tiny_bert, text_file):
+    model = _fresh(tiny_bert)
+    calibration = _calibration(tiny_bert, text_file)
+    outcome = factorize_model(model, select_targets(model), FactorizeOptions(0.6), calibration, dry_run=True)
     assert 0.595 <= outcome.plan.kept_fraction <= 0.6

@@ -40,6 +40,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from compressor.errors import InvalidInputError, OutOfResourcesError
 from compressor.formats.atomic import atomic_dir
+from compressor.loading import first_line as _first_line
 from compressor.kernels import lowrank_linear
 
 if TYPE_CHECKING:
@@ -656,7 +657,3 @@ def _load_tokenizer(folder: Path) -> Any:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InvalidInputError(f"cannot load the tokenizer at {folder}: {_first_line(e)}") from e
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
