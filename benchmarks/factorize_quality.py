@@ -43,7 +43,10 @@ def main() -> None:
         help="configurations also run with --sequential (a full second calibration pass each)",
     )
     parser.add_argument("--methods", nargs="+", default=["whiten"])
-    parser.add_argument("--self-calib", action="store_true", help="also run the default configuration with --calib self")
+    parser.add_argument(
+        "--calib-names", nargs="+", default=["wikitext2-valid"], choices=["wikitext2-valid", "self"],
+        help="calibration sources to run the grid with (self: text the model samples itself)",
+    )
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -60,20 +63,19 @@ def main() -> None:
     rows = [{"config": "baseline float32", "perplexity": evaluate(original)}]
     print(json.dumps(rows[-1]), flush=True)
     loaded.model = original
-    calibrations = {"wikitext2-valid": api.calibrate(loaded, args.calib, samples=args.calib_samples, seq_len=512, seed=0)}
-    if args.self_calib:
-        calibrations["self"] = api.calibrate(loaded, "self", samples=args.calib_samples, seq_len=512, seed=0)
+    specs = {"wikitext2-valid": args.calib, "self": "self"}
+    calibrations = {
+        name: api.calibrate(loaded, specs[name], samples=args.calib_samples, seq_len=512, seed=0) for name in args.calib_names
+    }
 
     configs = [
         (calib_name, target, method, alloc, mode)
         for target, method, alloc, mode in itertools.product(args.targets, args.methods, args.allocs, args.modes)
-        for calib_name in ["wikitext2-valid"]
+        for calib_name in args.calib_names
     ]
     for spec in args.sequential:
         target, alloc = spec.split(":")
-        configs.append(("wikitext2-valid", float(target), "whiten", alloc, "sequential"))
-    if args.self_calib:
-        configs += [("self", t, "whiten", "global", "one-shot") for t in args.targets]
+        configs += [(name, float(target), "whiten", alloc, "sequential") for name in args.calib_names]
     # Pass 1 (decomposing the original weights) is shared by every one-shot configuration.
     shared: dict[tuple[str, str], dict] = {}
     sensitivities: dict[str, dict] = {}

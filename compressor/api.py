@@ -14,11 +14,10 @@ from compressor.calibration.sources import CalibrationSet, load_calibration, tok
 from compressor.errors import InvalidInputError, UsageError
 from compressor.evaluate import PerplexityResult, perplexity
 from compressor.loading import LoadedModel, load_model
-from compressor.pipeline import collect_grams_whole_model, iterate_blocks
+from compressor.pipeline import CALIBRATION_BATCH, collect_grams_whole_model, iterate_blocks
 from compressor.progress import track
 from compressor.targets import Target, select_targets
 
-CALIBRATION_BATCH = 8
 
 
 def _loaded(model: LoadedModel | str, dtype: torch.dtype = torch.float32) -> LoadedModel:

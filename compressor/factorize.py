@@ -21,7 +21,7 @@ from compressor.errors import UsageError
 from compressor.math import allocate
 from compressor.math.factorize import Decomposition, svd_decomposition, whitened_decomposition
 from compressor.math.spectra import gram_root
-from compressor.pipeline import iterate_blocks
+from compressor.pipeline import CALIBRATION_BATCH, iterate_blocks
 from compressor.progress import track
 from compressor.sensitivity import output_sensitivities
 from compressor.targets import Target
@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 METHODS = ("whiten", "svd")
 ALLOCATIONS = ("global", "relative", "uniform", "welore")
 SENSITIVITY_WINDOWS = 16
-CALIBRATION_BATCH = 8
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,9 @@ from compressor.progress import track
 from compressor.targets import Target, find_blocks
 
 
+CALIBRATION_BATCH = 8  # calibration windows per forward pass
+
+
 class _StopForward(Exception):
     pass
 
