@@ -222,7 +222,14 @@ def factorize_command(
     seed: SeedOpt = 0,
     method: Annotated[str, typer.Option("--method", help="whiten (activation-aware) or svd (plain).")] = "whiten",
     alloc: Annotated[str, typer.Option("--alloc", help="Rank allocation: global (sensitivity-weighted), relative, uniform or welore.")] = "global",
-    sequential: Annotated[bool, typer.Option("--sequential", help="Whiten each block on the factored blocks' outputs.")] = False,
+    sequential: Annotated[
+        bool,
+        typer.Option(
+            "--sequential/--one-shot",
+            help="Sequential (default): re-whiten each block on the inputs the factored blocks before it "
+            "produce, a second calibration pass. One-shot: whiten every block on the original inputs.",
+        ),
+    ] = True,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the rank plan and sizes; write nothing.")] = False,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,

@@ -2,8 +2,9 @@
 
 Pass 1 runs the original model block by block and decomposes every target (whitened by its
 calibration Gram, or plain). The rank plan is made from those spectra. Then either the
-pass-1 decompositions are cut to the plan (default), or, with ``sequential``, a second pass
-re-whitens each block on the inputs that the already-factored blocks before it produce.
+pass-1 decompositions are cut to the plan (one-shot), or, with ``sequential`` (the default,
+measured better), a second pass re-whitens each block on the inputs that the already-factored
+blocks before it produce.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class FactorizeOptions:
     target: float
     method: str = "whiten"
     alloc: str = "global"
-    sequential: bool = False
+    sequential: bool = True
     floor_fraction: float = 0.5  # global allocation: no matrix below this share of its uniform rank
 
     def validate(self) -> None:

@@ -44,7 +44,7 @@ def test_predicted_error_equals_measured_on_calibration(request, text_file, kind
     targets = select_targets(model)
     weights = {t.name: t.weight().to(torch.float64).clone() for t in targets}
     grams = collect_grams_whole_model(model, calibration.batches(4), targets)
-    outcome = factorize_model(model, targets, FactorizeOptions(0.5), calibration)
+    outcome = factorize_model(model, targets, FactorizeOptions(0.5, sequential=False), calibration)
     factored = factored_modules(model)
     assert factored, "nothing was factored"
     for plan in outcome.plan.modules:
