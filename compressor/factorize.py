@@ -269,6 +269,7 @@ def factorize_model(
         raise UsageError(f"--method {options.method} --alloc {options.alloc} needs calibration data")
     start = time.perf_counter()
     before = count_params(model)
+    own_decompositions = decompositions is None
     if decompositions is None:
         decompositions = decompose_all(model, targets, calibration if options.method == "whiten" else None)
     spectra = {t.name: decompositions[t.name].sv for t in targets}
@@ -287,6 +288,8 @@ def factorize_model(
     if dry_run:
         return FactorizeOutcome(plan, before, after, time.perf_counter() - start)
     if options.sequential and options.method == "whiten":
+        if own_decompositions:
+            decompositions.clear()  # pass 2 decomposes again; free pass 1's singular vectors
         errors = factor_targets(model, targets, plan, None, calibration)
     else:
         errors = factor_targets(model, targets, plan, decompositions, None)
