@@ -90,7 +90,7 @@ def main() -> None:
             shared[key] = decompose_all(model, targets, calibration)
         if alloc == "global" and calib_name not in sensitivities:
             sensitivities[calib_name] = output_sensitivities(
-                model, targets, calibration.batches(2)[: SENSITIVITY_WINDOWS // 2]
+                model, targets, calibration.batches(1)[:SENSITIVITY_WINDOWS]
             )
         outcome = factorize_model(
             model, targets, options, calibration, decompositions=shared[key], sensitivities=sensitivities.get(calib_name)

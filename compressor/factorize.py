@@ -280,7 +280,7 @@ def factorize_model(
         if calibration is None:
             raise UsageError("--alloc global needs calibration data")
         if _has_lm_head(model):
-            sensitivities = output_sensitivities(model, targets, calibration.batches(2)[: SENSITIVITY_WINDOWS // 2])
+            sensitivities = output_sensitivities(model, targets, calibration.batches(1)[:SENSITIVITY_WINDOWS])
         else:
             log.warning("%s has no language-model head: --alloc global falls back to relative errors", type(model).__name__)
     plan = plan_ranks(options, targets, spectra, plain, sensitivities)
