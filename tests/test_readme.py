@@ -23,7 +23,7 @@ def test_every_command_is_documented_with_every_option():
     for name, sub in command.commands.items():
         section = sections[name]
         for param in sub.params:
-            for opt in param.opts:
+            for opt in (*param.opts, *param.secondary_opts):
                 if opt.startswith("--") and opt != "--help":
                     assert f"`{opt}`" in section, f"README section of {name} lacks {opt}"
 
@@ -44,6 +44,6 @@ def test_readme_commands_name_real_flags():
     for cmd, rest in re.findall(r"compress ([a-z-]+) ([^\n`|]*)", text):
         if cmd not in command.commands:
             continue
-        known = {o for p in command.commands[cmd].params for o in p.opts}
+        known = {o for p in command.commands[cmd].params for o in (*p.opts, *p.secondary_opts)}
         for flag in re.findall(r"(--[a-z-]+)", rest):
             assert flag in known, f"README uses {flag} with compress {cmd}"
