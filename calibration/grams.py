@@ -7,7 +7,7 @@ float64 accumulator; activations are never all held in memory.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -101,3 +101,16 @@ class GramCollector:
                 seen.add(id(gram))
                 yield gram
 
+
+def gram_roots(grams: Mapping[str, Gram], names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The whitening root S (S·Sᵀ = XᵀX) of each named module, one decomposition per shared Gram."""
+    from compressor.math.spectra import gram_root
+
+    by_gram: dict[int, torch.Tensor] = {}
+    roots = {}
+    for name in names:
+        gram = grams[name]
+        if id(gram) not in by_gram:
+            by_gram[id(gram)] = gram_root(gram.matrix)
+        roots[name] = by_gram[id(gram)]
+    return roots

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from compressor.calibration.grams import Gram
+from compressor.calibration.grams import Gram, gram_roots
 from compressor.math import allocate, spectra
 from compressor.targets import Target
 
@@ -99,15 +99,9 @@ def analyze_module(target: Target, gram: Gram | None = None, root: torch.Tensor 
 
 
 def analyze_grams(targets: list[Target], grams: dict[str, Gram]) -> list[ModuleAnalysis]:
-    """Analyze targets whose Grams are known; one eigendecomposition per shared Gram."""
-    roots: dict[int, torch.Tensor] = {}
-    results = []
-    for t in targets:
-        gram = grams[t.name]
-        if id(gram) not in roots:
-            roots[id(gram)] = spectra.gram_root(gram.matrix)
-        results.append(analyze_module(t, gram, roots[id(gram)]))
-    return results
+    """Analyze targets whose Grams are known; one decomposition per shared Gram."""
+    roots = gram_roots(grams, [t.name for t in targets])
+    return [analyze_module(t, grams[t.name], roots[t.name]) for t in targets]
 
 
 def relative_errors(energies: list[torch.Tensor], plan: allocate.Plan) -> float:

@@ -16,12 +16,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from compressor.calibration.grams import Gram
+from compressor.calibration.grams import Gram, gram_roots
 from compressor.calibration.sources import CalibrationSet
 from compressor.errors import UsageError
 from compressor.math import allocate
 from compressor.math.factorize import Decomposition, svd_decomposition, whitened_decomposition
-from compressor.math.spectra import gram_root
 from compressor.pipeline import CALIBRATION_BATCH, iterate_blocks
 from compressor.progress import track
 from compressor.sensitivity import output_sensitivities
@@ -166,17 +165,10 @@ def plan_ranks(
 
 
 def _decompose_block(targets: list[Target], grams: dict[str, Gram] | None) -> dict[str, Decomposition]:
-    roots: dict[int, torch.Tensor] = {}
-    result = {}
-    for t in targets:
-        if grams is None:
-            result[t.name] = svd_decomposition(t.weight())
-            continue
-        gram = grams[t.name]
-        if id(gram) not in roots:
-            roots[id(gram)] = gram_root(gram.matrix)
-        result[t.name] = whitened_decomposition(t.weight(), root=roots[id(gram)])
-    return result
+    if grams is None:
+        return {t.name: svd_decomposition(t.weight()) for t in targets}
+    roots = gram_roots(grams, [t.name for t in targets])
+    return {t.name: whitened_decomposition(t.weight(), root=roots[t.name]) for t in targets}
 
 
 def decompose_all(
