@@ -107,7 +107,7 @@ def analyze(
         if all(t.block_index is not None for t in targets):
             modules = []
             for step in iterate_blocks(loaded.model, batches, targets, description="calibrating blocks"):
-                modules.extend(analyze_grams(step.targets, step.collect_grams()))
+                modules.extend(analyze_grams(step.targets, step.collect_grams(block_final=True)))
         else:
             grams = collect_grams_whole_model(loaded.model, batches, targets)
             modules = analyze_grams(targets, grams)

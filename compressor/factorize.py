@@ -179,7 +179,7 @@ def decompose_all(
         return {t.name: svd_decomposition(t.weight()).truncated(allocate.max_factored_rank(t.shape), torch.float32) for t in track(targets, description="decomposing")}
     decompositions = {}
     for step in iterate_blocks(model, calibration.batches(CALIBRATION_BATCH), targets, description="calibrating, decomposing"):
-        for name, d in _decompose_block(step.targets, step.collect_grams()).items():
+        for name, d in _decompose_block(step.targets, step.collect_grams(block_final=True)).items():
             shape = next(t.shape for t in step.targets if t.name == name)
             decompositions[name] = d.truncated(allocate.max_factored_rank(shape), torch.float32)
     return decompositions

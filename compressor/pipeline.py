@@ -76,16 +76,26 @@ class BlockStep:
     block: nn.Module
     targets: list[Target]
     inputs: list[BlockInput]
+    _outputs: list[BlockInput] | None = None
 
     @torch.inference_mode()
-    def collect_grams(self) -> dict[str, "Gram"]:  # noqa: F821
+    def collect_grams(self, block_final: bool = False) -> dict[str, "Gram"]:  # noqa: F821
+        """The targets' input Grams. ``block_final``: the caller will not change the block, so
+        the outputs of this very pass become the next block's inputs (one forward instead of two)."""
+        outputs = []
         with GramCollector({t.name: t.module for t in self.targets}) as collector:
             for inp in self.inputs:
-                self.block(*inp.args, **inp.kwargs)
+                out = self.block(*inp.args, **inp.kwargs)
+                if block_final:
+                    outputs.append(inp.with_hidden(out[0] if isinstance(out, (tuple, list)) else out))
+        if block_final:
+            self._outputs = outputs
         return collector.grams
 
     @torch.inference_mode()
     def outputs(self) -> list[BlockInput]:
+        if self._outputs is not None:
+            return self._outputs
         result = []
         for inp in self.inputs:
             out = self.block(*inp.args, **inp.kwargs)

@@ -126,8 +126,9 @@ def test_gram_add_accumulates():
     _assert_gram_close(gram.matrix, x.T @ x)
 
 
+@pytest.mark.parametrize("block_final", [False, True])
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2", "tiny_gpt2", "tiny_bert"])
-def test_layer_loop_matches_whole_model(fixture, request):
+def test_layer_loop_matches_whole_model(fixture, block_final, request):
     tiny = request.getfixturevalue(fixture)
     model = tiny.model
     targets = select_targets(model)
@@ -138,7 +139,7 @@ def test_layer_loop_matches_whole_model(fixture, request):
     for step in iterate_blocks(model, batches, targets):
         yielded.append(step.index)
         assert {t.name for t in step.targets} == {t.name for t in targets if t.block_index == step.index}
-        looped.update(step.collect_grams())
+        looped.update(step.collect_grams(block_final=block_final))
     assert yielded == list(range(LAYERS))
     assert set(looped) == set(whole) == {t.name for t in targets}
     for name in whole:
