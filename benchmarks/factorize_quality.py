@@ -23,7 +23,7 @@ from compressor import api
 from compressor.calibration.sources import tokenize_text
 from compressor.evaluate import perplexity
 from compressor.factorize import SENSITIVITY_WINDOWS, FactorizeOptions, decompose_all, factorize_model
-from compressor.sensitivity import output_sensitivities
+from compressor.sensitivity import fisher_scale, output_fisher
 from compressor.loading import load_model
 from compressor.targets import select_targets
 
@@ -39,10 +39,10 @@ def main() -> None:
     parser.add_argument("--allocs", nargs="+", default=["global", "relative", "uniform", "welore"])
     parser.add_argument("--modes", nargs="+", default=["one-shot"])
     parser.add_argument(
-        "--sequential", nargs="*", default=["0.8:global", "0.6:global"], metavar="TARGET:ALLOC",
-        help="configurations also run with --sequential (a full second calibration pass each)",
+        "--sequential", nargs="*", default=["0.8:global", "0.6:global"], metavar="TARGET:ALLOC[:METHOD]",
+        help="configurations also run with --sequential (a full second calibration pass each; method fisher unless given)",
     )
-    parser.add_argument("--methods", nargs="+", default=["whiten"])
+    parser.add_argument("--methods", nargs="+", default=["fisher"])
     parser.add_argument(
         "--calib-names", nargs="+", default=["wikitext2-valid"], choices=["wikitext2-valid", "self"],
         help="calibration sources to run the grid with (self: text the model samples itself)",
@@ -74,26 +74,25 @@ def main() -> None:
         for calib_name in args.calib_names
     ]
     for spec in args.sequential:
-        target, alloc = spec.split(":")
-        configs += [(name, float(target), "whiten", alloc, "sequential") for name in args.calib_names]
-    # Pass 1 (decomposing the original weights) is shared by every one-shot configuration.
+        target, alloc, method = (spec.split(":") + ["fisher"])[:3]
+        configs += [(name, float(target), method, alloc, "sequential") for name in args.calib_names]
+    # Pass 1 (decomposing the original weights) and the output Fisher are shared by all configurations.
     shared: dict[tuple[str, str], dict] = {}
-    sensitivities: dict[str, dict] = {}
+    fishers: dict[str, dict] = {}
     for calib_name, target, method, alloc, mode in configs:
         model = copy.deepcopy(original)
         targets = select_targets(model)
         options = FactorizeOptions(target=target, method=method, alloc=alloc, sequential=mode == "sequential")
         start = time.perf_counter()
-        calibration = calibrations[calib_name] if method == "whiten" else None
+        calibration = calibrations[calib_name]
+        if options.needs_fisher and calib_name not in fishers:
+            fishers[calib_name] = output_fisher(model, targets, calibration.batches(1)[:SENSITIVITY_WINDOWS])
         key = (calib_name, method)
         if key not in shared:
-            shared[key] = decompose_all(model, targets, calibration)
-        if alloc == "global" and calib_name not in sensitivities:
-            sensitivities[calib_name] = output_sensitivities(
-                model, targets, calibration.batches(1)[:SENSITIVITY_WINDOWS]
-            )
+            scales = {n: fisher_scale(v) for n, v in fishers[calib_name].items()} if method == "fisher" else None
+            shared[key] = decompose_all(model, targets, calibration if method != "svd" else None, scales)
         outcome = factorize_model(
-            model, targets, options, calibration, decompositions=shared[key], sensitivities=sensitivities.get(calib_name)
+            model, targets, options, calibration, decompositions=shared[key], fisher=fishers.get(calib_name)
         )
         seconds = time.perf_counter() - start
         row = {

@@ -174,10 +174,11 @@ def factorize(
     info = calibration.info.to_dict() if calibration is not None else None
     file_bytes = None
     if output is not None:
+        done = outcome.plan.options  # what ran, after any fallback
         metadata = {
-            "method": options.method,
-            "alloc": options.alloc,
-            "sequential": options.sequential,
+            "method": done.method,
+            "alloc": done.alloc,
+            "sequential": done.sequential,
             "target": options.target,
             "kept_fraction": outcome.plan.kept_fraction,
             "calibration": info,

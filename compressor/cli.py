@@ -220,7 +220,7 @@ def factorize_command(
     calib_samples: CalibSamplesOpt = 64,
     seq_len: SeqLenOpt = 512,
     seed: SeedOpt = 0,
-    method: Annotated[str, typer.Option("--method", help="whiten (activation-aware) or svd (plain).")] = "whiten",
+    method: Annotated[str, typer.Option("--method", help="fisher (activation-whitened, loss-gradient-weighted outputs), whiten (activation-whitened) or svd (plain).")] = "fisher",
     alloc: Annotated[str, typer.Option("--alloc", help="Rank allocation: global (sensitivity-weighted), relative, uniform or welore.")] = "global",
     sequential: Annotated[
         bool,

@@ -1,7 +1,9 @@
 """LoRD factorization of a model's targets: decompose, plan ranks under a budget, swap in B·A.
 
-Pass 1 runs the original model block by block and decomposes every target (whitened by its
-calibration Gram, or plain). The rank plan is made from those spectra. Then either the
+Pass 1 runs the original model block by block and decomposes every target: in the ``fisher``
+metric (whitened by its calibration Gram and weighted per output unit by the loss's mean squared
+gradient, from one backward pass over a few windows), whitened only, or plain. The rank plan
+is made from those spectra. Then either the
 pass-1 decompositions are cut to the plan (one-shot), or, with ``sequential`` (the default,
 measured better), a second pass re-whitens each block on the inputs that the already-factored
 blocks before it produce.
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -23,12 +25,12 @@ from compressor.math import allocate
 from compressor.math.factorize import Decomposition, svd_decomposition, whitened_decomposition
 from compressor.pipeline import CALIBRATION_BATCH, iterate_blocks
 from compressor.progress import track
-from compressor.sensitivity import output_sensitivities
+from compressor.sensitivity import fisher_scale, layer_sensitivities, output_fisher
 from compressor.targets import Target
 
 log = logging.getLogger(__name__)
 
-METHODS = ("whiten", "svd")
+METHODS = ("fisher", "whiten", "svd")
 ALLOCATIONS = ("global", "relative", "uniform", "welore")
 SENSITIVITY_WINDOWS = 16
 
@@ -36,7 +38,7 @@ SENSITIVITY_WINDOWS = 16
 @dataclass(frozen=True)
 class FactorizeOptions:
     target: float
-    method: str = "whiten"
+    method: str = "fisher"
     alloc: str = "global"
     sequential: bool = True
     floor_fraction: float = 0.5  # global allocation: no matrix below this share of its uniform rank
@@ -52,7 +54,11 @@ class FactorizeOptions:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method == "whiten" or self.alloc == "global"
+        return self.method != "svd" or self.alloc == "global"
+
+    @property
+    def needs_fisher(self) -> bool:
+        return self.method == "fisher" or self.alloc == "global"
 
 
 @dataclass
@@ -129,10 +135,10 @@ def plan_ranks(
     targets: list[Target],
     spectra: dict[str, torch.Tensor],
     plain: dict[str, torch.Tensor],
-    sensitivities: dict[str, float] | None = None,
+    fisher: dict[str, torch.Tensor] | None = None,
 ) -> FactorizePlan:
     """Choose every target's rank. ``spectra``: singular values in the method's metric; ``plain``: of W;
-    ``sensitivities``: loss per unit of output error (``global`` allocation)."""
+    ``fisher``: per output unit, the loss per unit of output error (``global`` allocation)."""
     shapes = [t.shape for t in targets]
     energies = [spectra[t.name].to(torch.float64) ** 2 for t in targets]
     threshold = None
@@ -144,8 +150,10 @@ def plan_ranks(
     else:
         uniform = allocate.uniform_plan(shapes, options.target)
         floors = [int(options.floor_fraction * (r if r is not None else allocate.max_factored_rank(s))) for r, s in zip(uniform, shapes)]
-        if options.alloc == "global" and sensitivities is not None:
-            weights = [sensitivities[t.name] for t in targets]
+        if options.alloc == "global" and fisher is not None:
+            # The fisher metric's energies already are predicted loss; the others get one factor per layer.
+            per_layer = layer_sensitivities(fisher)
+            weights = [1.0 if options.method == "fisher" else per_layer[t.name] for t in targets]
         ranks = allocate.greedy_plan(energies, shapes, options.target, weights=weights, floors=floors)
     if options.target < 1:
         ranks = allocate.fill_budget(ranks, energies, shapes, options.target, weights)
@@ -164,22 +172,40 @@ def plan_ranks(
     return FactorizePlan(options, modules, threshold)
 
 
-def _decompose_block(targets: list[Target], grams: dict[str, Gram] | None) -> dict[str, Decomposition]:
+Scales = dict[str, torch.Tensor]
+
+
+def _decompose_block(
+    targets: list[Target], grams: dict[str, Gram] | None, scales: Scales | None = None, values_only: bool = False
+) -> dict[str, Decomposition]:
     if grams is None:
         return {t.name: svd_decomposition(t.weight()) for t in targets}
     roots = gram_roots(grams, [t.name for t in targets])
-    return {t.name: whitened_decomposition(t.weight(), root=roots[t.name]) for t in targets}
+    return {
+        t.name: whitened_decomposition(
+            t.weight(), root=roots[t.name], scale=None if scales is None else scales[t.name], values_only=values_only
+        )
+        for t in targets
+    }
 
 
 def decompose_all(
-    model: nn.Module, targets: list[Target], calibration: CalibrationSet | None
+    model: nn.Module,
+    targets: list[Target],
+    calibration: CalibrationSet | None,
+    scales: Scales | None = None,
+    values_only: bool = False,
 ) -> dict[str, Decomposition]:
-    """Pass 1: every target decomposed on the original model (kept only up to useful ranks)."""
+    """Pass 1: every target decomposed on the original model (kept only up to useful ranks).
+
+    ``scales``: the output weights of the fisher metric; ``values_only``: spectra without
+    singular vectors, all a sequential run needs from this pass."""
     if calibration is None:
         return {t.name: svd_decomposition(t.weight()).truncated(allocate.max_factored_rank(t.shape), torch.float32) for t in track(targets, description="decomposing")}
     decompositions = {}
     for step in iterate_blocks(model, calibration.batches(CALIBRATION_BATCH), targets, description="calibrating, decomposing"):
-        for name, d in _decompose_block(step.targets, step.collect_grams(block_final=True)).items():
+        grams = step.collect_grams(block_final=True)
+        for name, d in _decompose_block(step.targets, grams, scales, values_only).items():
             shape = next(t.shape for t in step.targets if t.name == name)
             decompositions[name] = d.truncated(allocate.max_factored_rank(shape), torch.float32)
     return decompositions
@@ -191,6 +217,7 @@ def factor_targets(
     plan: FactorizePlan,
     decompositions: dict[str, Decomposition] | None,
     calibration: CalibrationSet | None,
+    scales: Scales | None = None,
 ) -> dict[str, float]:
     """Swap each planned target for its factors. Returns the measured whitened error per module
     when the decomposition is re-made in sequential mode, else the pass-1 predictions."""
@@ -216,7 +243,7 @@ def factor_targets(
             factor([t], decompositions)
         return errors
     for step in iterate_blocks(model, calibration.batches(CALIBRATION_BATCH), targets, description="sequential factoring"):
-        factor(step.targets, _decompose_block(step.targets, step.collect_grams()))
+        factor(step.targets, _decompose_block(step.targets, step.collect_grams(), scales))
     return errors
 
 
@@ -249,40 +276,50 @@ def factorize_model(
     calibration: CalibrationSet | None,
     dry_run: bool = False,
     decompositions: dict[str, Decomposition] | None = None,
-    sensitivities: dict[str, float] | None = None,
+    fisher: dict[str, torch.Tensor] | None = None,
 ) -> FactorizeOutcome:
     """Factor ``targets`` of ``model`` in place (unless ``dry_run``).
 
-    ``decompositions`` from an earlier :func:`decompose_all` of the same weights and
-    calibration may be passed to skip pass 1 (benchmarks reuse them across targets).
+    ``decompositions`` from an earlier :func:`decompose_all` of the same weights, calibration
+    and metric, and ``fisher`` from an earlier :func:`output_fisher`, may be passed to skip
+    that work (benchmarks reuse them across targets).
     """
     options.validate()
     if options.needs_calibration and calibration is None:
         raise UsageError(f"--method {options.method} --alloc {options.alloc} needs calibration data")
     start = time.perf_counter()
     before = count_params(model)
+    if options.needs_fisher and fisher is None:
+        if _has_lm_head(model):
+            fisher = output_fisher(model, targets, calibration.batches(1)[:SENSITIVITY_WINDOWS])
+        else:
+            log.warning("%s has no language-model head to take loss gradients from: %s", type(model).__name__,
+                        "--method fisher falls back to whiten, --alloc global to relative errors")
+            options = replace(
+                options,
+                method="whiten" if options.method == "fisher" else options.method,
+                alloc="relative" if options.alloc == "global" else options.alloc,
+            )
+    scales = {name: fisher_scale(v) for name, v in fisher.items()} if options.method == "fisher" else None
+    whitened = options.method != "svd"
+    sequential = options.sequential and whitened
     own_decompositions = decompositions is None
     if decompositions is None:
-        decompositions = decompose_all(model, targets, calibration if options.method == "whiten" else None)
+        decompositions = decompose_all(
+            model, targets, calibration if whitened else None, scales, values_only=sequential or dry_run
+        )
     spectra = {t.name: decompositions[t.name].sv for t in targets}
     plain = spectra if options.method == "svd" else {}
-    if options.alloc == "welore" and options.method == "whiten":
+    if options.alloc == "welore" and whitened:
         plain = {t.name: torch.linalg.svdvals(t.weight().to("cpu", torch.float64)) for t in targets}
-    if options.alloc == "global" and sensitivities is None:
-        if calibration is None:
-            raise UsageError("--alloc global needs calibration data")
-        if _has_lm_head(model):
-            sensitivities = output_sensitivities(model, targets, calibration.batches(1)[:SENSITIVITY_WINDOWS])
-        else:
-            log.warning("%s has no language-model head: --alloc global falls back to relative errors", type(model).__name__)
-    plan = plan_ranks(options, targets, spectra, plain, sensitivities)
+    plan = plan_ranks(options, targets, spectra, plain, fisher)
     after = before - plan.params_before + plan.params_after
     if dry_run:
         return FactorizeOutcome(plan, before, after, time.perf_counter() - start)
-    if options.sequential and options.method == "whiten":
+    if sequential:
         if own_decompositions:
-            decompositions.clear()  # pass 2 decomposes again; free pass 1's singular vectors
-        errors = factor_targets(model, targets, plan, None, calibration)
+            decompositions.clear()
+        errors = factor_targets(model, targets, plan, None, calibration, scales)
     else:
         errors = factor_targets(model, targets, plan, decompositions, None)
     return FactorizeOutcome(plan, before, count_params(model), time.perf_counter() - start, errors)

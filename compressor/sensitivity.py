@@ -1,9 +1,11 @@
-"""How strongly each target's output error reaches the loss: E‖∂L/∂y‖² per output unit.
+"""How strongly each target's output error reaches the loss: E[(∂L/∂y_j)²] per output unit j.
 
 Under a second-order model of the loss, perturbing a layer's outputs by Δy costs about
-½·Δyᵀ·F·Δy with F the Fisher information of y; taking F ≈ (E‖∂L/∂y‖² / out)·I turns the
-layer's calibration-weighted error Σ‖ΔW·x‖² into a predicted loss increase. One backward
-pass over a few calibration windows gives the factor for every target.
+½·Δyᵀ·F·Δy with F the Fisher information of y. Its diagonal, the mean squared gradient of
+each output unit, is what one backward pass over a few calibration windows gives for every
+target at once. Weighting a layer's output error by it turns the calibration-weighted error
+Σ‖ΔW·x‖² into a predicted loss increase, both between layers (rank allocation) and between
+the output units of one layer (the ``fisher`` factorization metric).
 """
 
 from __future__ import annotations
@@ -15,17 +17,18 @@ from compressor.progress import track
 from compressor.targets import Target
 
 
-def output_sensitivities(model: nn.Module, targets: list[Target], batches: list[torch.Tensor]) -> dict[str, float]:
-    """Mean over calibration tokens of ‖∂L/∂y‖² / out_features, per target (L: next-token NLL)."""
-    sums = {t.name: 0.0 for t in targets}
+def output_fisher(model: nn.Module, targets: list[Target], batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per target, the float64 vector (out,) of E[(∂L/∂y_j)²] over calibration tokens (L: next-token NLL)."""
+    sums: dict[str, torch.Tensor] = {}
     tokens = 0
     handles = []
     requires = {name: p.requires_grad for name, p in model.named_parameters()}
 
     def hook_for(name: str):
         def hook(module, grad_input, grad_output):
-            g = grad_output[0]
-            sums[name] += float(g.detach().to(torch.float64).pow(2).sum())
+            g = grad_output[0].detach().to(torch.float64)
+            total = g.pow(2).reshape(-1, g.shape[-1]).sum(0).cpu()
+            sums[name] = total if name not in sums else sums[name] + total
 
         return hook
 
@@ -39,7 +42,7 @@ def output_sensitivities(model: nn.Module, targets: list[Target], batches: list[
         for t in targets:
             handles.append(t.module.register_full_backward_hook(hook_for(t.name)))
         device = next(model.parameters()).device
-        for batch in track(batches, description="sensitivities"):
+        for batch in track(batches, description="output sensitivities"):
             batch = batch.to(device)
             with torch.enable_grad():
                 logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
@@ -51,4 +54,21 @@ def output_sensitivities(model: nn.Module, targets: list[Target], batches: list[
             h.remove()
         for name, p in model.named_parameters():
             p.requires_grad_(requires[name])
-    return {t.name: sums[t.name] / tokens / t.shape[0] for t in targets}
+    return {t.name: sums.get(t.name, torch.zeros(t.shape[0], dtype=torch.float64)) / tokens for t in targets}
+
+
+def layer_sensitivities(fisher: dict[str, torch.Tensor]) -> dict[str, float]:
+    """One factor per layer: E‖∂L/∂y‖² / out, the Fisher diagonal's mean."""
+    return {name: float(v.mean()) for name, v in fisher.items()}
+
+
+def fisher_scale(fisher: torch.Tensor, damping: float = 0.01) -> torch.Tensor:
+    """√(F_jj + damping·mean F): the output weights of the ``fisher`` metric, strictly positive.
+
+    The damping keeps units whose gradient vanished on the calibration set (and the factor
+    B = U_r / scale) finite, and the metric close to a multiple of the plain one for them.
+    """
+    f = fisher.to(torch.float64).clamp_min(0)
+    mean = float(f.mean()) if f.numel() else 0.0
+    floor = damping * mean if mean > 0 else 1.0
+    return (f + floor).sqrt()

@@ -103,3 +103,56 @@ def test_truncated_decomposition_keeps_factors_and_energies():
     assert torch.allclose(b1 @ a1, b2 @ a2)
     with pytest.raises(ValueError):
         small.factors(w, 9)
+
+
+def _output_scale(out_features=24, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.logspace(1, -2, out_features, dtype=torch.float64)[torch.randperm(out_features, generator=g)]
+
+
+@pytest.mark.parametrize("rank", [1, 5, 12, 24])
+def test_fisher_weighted_error_equals_discarded_energy(rank):
+    w, x = _random_problem()
+    scale = _output_scale()
+    d = whitened_decomposition(w, gram=x.T @ x, scale=scale)
+    b, a = d.factors(w, rank, torch.float64)
+    measured = torch.linalg.matrix_norm(scale[:, None] * (w - b @ a) @ x.T) ** 2
+    assert measured.item() == pytest.approx(d.discarded(rank), rel=1e-9, abs=1e-9)
+
+
+def test_fisher_weighted_is_optimal_in_its_metric_and_beats_unweighted_there():
+    w, x = _random_problem(seed=4)
+    scale = _output_scale(seed=6)
+    rank = 5
+
+    def err(b, a):
+        return torch.linalg.matrix_norm(scale[:, None] * (w - b @ a) @ x.T)
+
+    b, a = whitened_decomposition(w, gram=x.T @ x, scale=scale).factors(w, rank, torch.float64)
+    best = err(b, a)
+    assert best < err(*whitened_svd(w, x.T @ x, rank))
+    g = torch.Generator().manual_seed(2)
+    for _ in range(20):
+        db = 1e-3 * torch.randn(b.shape, generator=g, dtype=torch.float64)
+        da = 1e-3 * torch.randn(a.shape, generator=g, dtype=torch.float64)
+        assert err(b + db, a + da) >= best
+
+
+def test_unit_scale_is_the_whitened_factorization_and_values_only_its_spectrum():
+    w, x = _random_problem(seed=7)
+    plain = whitened_decomposition(w, gram=x.T @ x)
+    ones = whitened_decomposition(w, gram=x.T @ x, scale=torch.ones(24, dtype=torch.float64))
+    torch.testing.assert_close(ones.sv, plain.sv)
+    b1, a1 = ones.factors(w, 6, torch.float64)
+    b0, a0 = plain.factors(w, 6, torch.float64)
+    torch.testing.assert_close(b1 @ a1, b0 @ a0)
+    values = whitened_decomposition(w, gram=x.T @ x, scale=_output_scale(), values_only=True)
+    full = whitened_decomposition(w, gram=x.T @ x, scale=_output_scale())
+    torch.testing.assert_close(values.sv, full.sv)
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(24), torch.ones(23), torch.full((24,), float("nan"))])
+def test_bad_output_scale_is_refused(bad):
+    w, x = _random_problem()
+    with pytest.raises((ValueError, NumericalError)):
+        whitened_decomposition(w, gram=x.T @ x, scale=bad.double())

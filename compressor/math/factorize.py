@@ -5,6 +5,11 @@ Gram G = XᵀX = S·Sᵀ. If W·S = U·Σ·Vᵀ, the optimum is B·A = U_r·U_r�
 onto the top-r left singular vectors of W·S), so B = U_r and A = U_rᵀ·W. No inverse of S is
 ever formed, which keeps rank-deficient or ill-conditioned Grams harmless; the error equals
 Σ_{k>r} σ_k² exactly.
+
+Fisher-weighted (two-sided): minimize ‖D·(W − B·A)·Xᵀ‖_F with D = diag(d) a positive weight per
+output unit (d_j² the mean squared loss gradient of output j, so the error reads as a predicted
+loss increase). With D·W·S = U·Σ·Vᵀ the optimum is B·A = D⁻¹·U_r·U_rᵀ·D·W, so B = D⁻¹·U_r and
+A = (D·U_r)ᵀ·W; again no inverse of S, and the error is Σ_{k>r} σ_k². D = I is the whitened case.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ class Decomposition:
     sv: torch.Tensor  # (k,), descending
     whitened: bool
     vh: torch.Tensor | None = None  # (k, in), plain SVD only
+    scale: torch.Tensor | None = None  # (out,) output weights d of the Fisher-weighted metric
 
     @property
     def energies(self) -> torch.Tensor:
@@ -37,15 +43,16 @@ class Decomposition:
         optimum by ~1e-7 relative, far below any truncation error.
         """
         vh = None if self.vh is None else self.vh[:keep].to(dtype, copy=True)
-        return Decomposition(self.u[:, :keep].to(dtype, copy=True), self.sv, self.whitened, vh)
+        return Decomposition(self.u[:, :keep].to(dtype, copy=True), self.sv, self.whitened, vh, self.scale)
 
     def factors(self, weight: torch.Tensor, rank: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """(B [out, r], A [r, in]) with B·A the best rank-r approximation of ``weight`` in this metric."""
         if not 0 <= rank <= self.u.shape[1]:
             raise ValueError(f"rank {rank} outside [0, {self.u.shape[1]}]")
         if self.whitened:
-            b = self.u[:, :rank].to(torch.float64)
-            a = b.T @ weight.detach().to("cpu", torch.float64)
+            u = self.u[:, :rank].to(torch.float64)
+            b, left = (u, u) if self.scale is None else (u / self.scale[:, None], u * self.scale[:, None])
+            a = left.T @ weight.detach().to("cpu", torch.float64)
         else:
             # The singular values split evenly between the two factors.
             root = self.sv[:rank].sqrt()
@@ -66,15 +73,29 @@ def svd_decomposition(weight: torch.Tensor) -> Decomposition:
     return Decomposition(u, sv, whitened=False, vh=vh)
 
 
-def whitened_decomposition(weight: torch.Tensor, gram: torch.Tensor | None = None, root: torch.Tensor | None = None) -> Decomposition:
-    """Decompose W·S; pass the Gram XᵀX or an already computed root S (shared by q/k/v)."""
+def whitened_decomposition(
+    weight: torch.Tensor,
+    gram: torch.Tensor | None = None,
+    root: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    values_only: bool = False,
+) -> Decomposition:
+    """Decompose W·S, or D·W·S with ``scale`` = diag(D) > 0; pass the Gram XᵀX or an already
+    computed root S (shared by q/k/v). ``values_only``: the spectrum without singular vectors."""
     if root is None:
         if gram is None:
             raise ValueError("whitened_decomposition needs a gram or its root")
         root = gram_root(gram)
     w = _check_finite(weight.detach().to("cpu", torch.float64), "weight")
+    if scale is not None:
+        scale = _check_finite(scale.to("cpu", torch.float64), "output scale")
+        if scale.shape != (w.shape[0],) or not bool((scale > 0).all()):
+            raise ValueError(f"output scale must be {w.shape[0]} positive values")
+        w = scale[:, None] * w
+    if values_only:
+        return Decomposition(torch.zeros(w.shape[0], 0, dtype=torch.float64), torch.linalg.svdvals(w @ root), True, scale=scale)
     u, sv, _ = torch.linalg.svd(w @ root, full_matrices=False)
-    return Decomposition(u, sv, whitened=True)
+    return Decomposition(u, sv, whitened=True, scale=scale)
 
 
 def truncated_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
