@@ -68,14 +68,16 @@ def main() -> None:
         name: api.calibrate(loaded, specs[name], samples=args.calib_samples, seq_len=512, seed=0) for name in args.calib_names
     }
 
-    configs = [
-        (calib_name, target, method, alloc, mode)
-        for target, method, alloc, mode in itertools.product(args.targets, args.methods, args.allocs, args.modes)
-        for calib_name in args.calib_names
-    ]
-    for spec in args.sequential:
-        target, alloc, method = (spec.split(":") + ["fisher"])[:3]
-        configs += [(name, float(target), method, alloc, "sequential") for name in args.calib_names]
+    # Each (method, allocation)'s one-shot rows, then its sequential ones: the first rows are the default's.
+    sequential = [((spec.split(":") + ["fisher"])[:3]) for spec in args.sequential]
+    configs = []
+    for calib_name in args.calib_names:
+        pending = list(sequential)
+        for method, alloc in itertools.product(args.methods, args.allocs):
+            configs += [(calib_name, t, method, alloc, mode) for mode in args.modes for t in args.targets]
+            configs += [(calib_name, float(t), m, a, "sequential") for t, a, m in pending if (a, m) == (alloc, method)]
+            pending = [(t, a, m) for t, a, m in pending if (a, m) != (alloc, method)]
+        configs += [(calib_name, float(t), m, a, "sequential") for t, a, m in pending]
     # Pass 1 (decomposing the original weights) and the output Fisher are shared by all configurations.
     shared: dict[tuple[str, str], dict] = {}
     fishers: dict[str, dict] = {}
@@ -109,9 +111,9 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         del model
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"device": args.device, "rows": rows}, indent=2) + "\n")
+        if args.out:  # after every row, so that a long grid cut short keeps what it measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"device": args.device, "rows": rows}, indent=2) + "\n")
     print("\n| calibration | target | method | alloc | mode | kept | pred. rel. err | perplexity |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows[1:]:
