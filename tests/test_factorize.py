@@ -224,3 +224,19 @@ def test_global_on_an_encoder_falls_back_to_relative(tiny_bert, text_file):
     outcome = factorize_model(model, select_targets(model), FactorizeOptions(0.6), calibration, dry_run=True)
     assert 0.595 <= outcome.plan.kept_fraction <= 0.6
     assert (outcome.plan.options.method, outcome.plan.options.alloc) == ("whiten", "relative")
+
+
+@pytest.mark.parametrize("method", ["fisher", "whiten"])
+def test_sequential_refits_later_blocks_on_the_factored_prefix(tiny_llama, text_file, method):
+    calibration = _calibration(tiny_llama, text_file)
+    dense = {}
+    for sequential in (False, True):
+        model = _fresh(tiny_llama)
+        factorize_model(model, select_targets(model), FactorizeOptions(0.4, method=method, sequential=sequential), calibration)
+        dense[sequential] = {n: m.dense_weight().double() for n, m in factored_modules(model).items()}
+    first = [n for n in dense[False] if ".layers.0." in n]
+    later = [n for n in dense[False] if ".layers.0." not in n]
+    for n in first:  # block 0 sees the same inputs either way
+        torch.testing.assert_close(dense[True][n], dense[False][n], rtol=1e-5, atol=1e-6)
+    change = max(float((dense[True][n] - dense[False][n]).norm() / dense[False][n].norm()) for n in later)
+    assert change > 1e-3
