@@ -68,6 +68,11 @@ def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor]) -> list[
     return captured
 
 
+def _next_input(inp: BlockInput, block_output) -> BlockInput:
+    """The next block's input: this one's arguments with the block's hidden states."""
+    return inp.with_hidden(block_output[0] if isinstance(block_output, (tuple, list)) else block_output)
+
+
 @dataclass
 class BlockStep:
     """One block of the loop: collect its statistics, optionally change it, then advance."""
@@ -87,7 +92,7 @@ class BlockStep:
             for inp in self.inputs:
                 out = self.block(*inp.args, **inp.kwargs)
                 if block_final:
-                    outputs.append(inp.with_hidden(out[0] if isinstance(out, (tuple, list)) else out))
+                    outputs.append(_next_input(inp, out))
         if block_final:
             self._outputs = outputs
         return collector.grams
@@ -96,12 +101,7 @@ class BlockStep:
     def outputs(self) -> list[BlockInput]:
         if self._outputs is not None:
             return self._outputs
-        result = []
-        for inp in self.inputs:
-            out = self.block(*inp.args, **inp.kwargs)
-            hidden = out[0] if isinstance(out, (tuple, list)) else out
-            result.append(inp.with_hidden(hidden))
-        return result
+        return [_next_input(inp, self.block(*inp.args, **inp.kwargs)) for inp in self.inputs]
 
 
 def iterate_blocks(
