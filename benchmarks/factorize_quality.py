@@ -23,6 +23,7 @@ from compressor import api
 from compressor.calibration.sources import tokenize_text
 from compressor.evaluate import perplexity
 from compressor.factorize import SENSITIVITY_WINDOWS, FactorizeOptions, decompose_all, factorize_model
+from compressor.pipeline import resolve_calib_dtype
 from compressor.sensitivity import fisher_scale, output_fisher
 from compressor.loading import load_model
 from compressor.targets import select_targets
@@ -48,6 +49,10 @@ def main() -> None:
         help="calibration sources to run the grid with (self: text the model samples itself)",
     )
     parser.add_argument("--calib-samples", type=int, default=64)
+    parser.add_argument("--calib-dtypes", nargs="+", default=["auto"], choices=["auto", "float32", "bfloat16"],
+                        help="matmul dtype of the calibration passes; several: every row once per dtype")
+    parser.add_argument("--planning-windows", type=int, default=SENSITIVITY_WINDOWS,
+                        help="sequential rows: windows of the planning pass (0: all, as one-shot)")
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None)
@@ -78,24 +83,36 @@ def main() -> None:
             configs += [(calib_name, float(t), m, a, "sequential") for t, a, m in pending if (a, m) == (alloc, method)]
             pending = [(t, a, m) for t, a, m in pending if (a, m) != (alloc, method)]
         configs += [(calib_name, float(t), m, a, "sequential") for t, a, m in pending]
-    # Pass 1 (decomposing the original weights) and the output Fisher are shared by all configurations.
-    shared: dict[tuple[str, str], dict] = {}
-    fishers: dict[str, dict] = {}
-    for calib_name, target, method, alloc, mode in configs:
+    configs = [(*c, dtype) for dtype in args.calib_dtypes for c in configs]
+    planning_windows = args.planning_windows or None
+    # Pass 1 (decomposing the original weights) and the output Fisher are shared by all configurations
+    # that would compute the same ones.
+    shared: dict[tuple, dict] = {}
+    fishers: dict[tuple[str, str], dict] = {}
+    for calib_name, target, method, alloc, mode, calib_dtype in configs:
         model = copy.deepcopy(original)
         targets = select_targets(model)
-        options = FactorizeOptions(target=target, method=method, alloc=alloc, sequential=mode == "sequential")
+        options = FactorizeOptions(
+            target=target, method=method, alloc=alloc, sequential=mode == "sequential",
+            calib_dtype=calib_dtype, planning_windows=planning_windows,
+        )
+        compute_dtype = resolve_calib_dtype(calib_dtype, model)
         start = time.perf_counter()
         calibration = calibrations[calib_name]
-        if options.needs_fisher and calib_name not in fishers:
-            fishers[calib_name] = output_fisher(model, targets, calibration.batches(1)[:SENSITIVITY_WINDOWS])
-        key = (calib_name, method)
+        if options.needs_fisher and (calib_name, calib_dtype) not in fishers:
+            windows = calibration.batches(1)[:SENSITIVITY_WINDOWS]
+            fishers[calib_name, calib_dtype] = output_fisher(model, targets, windows, compute_dtype)
+        fisher = fishers.get((calib_name, calib_dtype))
+        planning = calibration
+        if options.sequential and planning_windows is not None:
+            planning = calibration.head(planning_windows)
+        key = (calib_name, method, calib_dtype, planning.info.samples)
         if key not in shared:
-            scales = {n: fisher_scale(v) for n, v in fishers[calib_name].items()} if method == "fisher" else None
-            shared[key] = decompose_all(model, targets, calibration if method != "svd" else None, scales)
-        outcome = factorize_model(
-            model, targets, options, calibration, decompositions=shared[key], fisher=fishers.get(calib_name)
-        )
+            scales = {n: fisher_scale(v) for n, v in fisher.items()} if method == "fisher" else None
+            shared[key] = decompose_all(
+                model, targets, planning if method != "svd" else None, scales, compute_dtype=compute_dtype
+            )
+        outcome = factorize_model(model, targets, options, calibration, decompositions=shared[key], fisher=fisher)
         seconds = time.perf_counter() - start
         row = {
             "calibration": calib_name,
@@ -103,6 +120,8 @@ def main() -> None:
             "method": method,
             "alloc": alloc,
             "mode": mode,
+            "calib_dtype": calib_dtype,
+            "planning_windows": planning.info.samples,
             "kept_fraction": round(outcome.plan.kept_fraction, 4),
             "predicted_mean_relative_error": round(outcome.plan.mean_relative_error, 4),
             "perplexity": evaluate(model),
@@ -114,11 +133,11 @@ def main() -> None:
         if args.out:  # after every row, so that a long grid cut short keeps what it measured
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({"device": args.device, "rows": rows}, indent=2) + "\n")
-    print("\n| calibration | target | method | alloc | mode | kept | pred. rel. err | perplexity |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| calibration | target | method | alloc | mode | calib dtype | kept | pred. rel. err | perplexity |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows[1:]:
         print(
-            f"| {r['calibration']} | {r['target']} | {r['method']} | {r['alloc']} | {r['mode']} | "
+            f"| {r['calibration']} | {r['target']} | {r['method']} | {r['alloc']} | {r['mode']} | {r['calib_dtype']} | "
             f"{r['kept_fraction']} | {r['predicted_mean_relative_error']} | {r['perplexity']:.2f} |"
         )
     print(f"\nbaseline: {rows[0]['perplexity']:.3f}")

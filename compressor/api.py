@@ -14,7 +14,7 @@ from compressor.calibration.sources import CalibrationSet, load_calibration, tok
 from compressor.errors import InvalidInputError, UsageError
 from compressor.evaluate import PerplexityResult, perplexity
 from compressor.loading import LoadedModel, load_model
-from compressor.pipeline import CALIBRATION_BATCH, collect_grams_whole_model, iterate_blocks
+from compressor.pipeline import CALIBRATION_BATCH, collect_grams_whole_model, iterate_blocks, resolve_calib_dtype
 from compressor.progress import track
 from compressor.targets import Target, select_targets
 
@@ -95,21 +95,25 @@ def analyze(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     welore_target: float = 0.5,
+    calib_dtype: str = "auto",
 ) -> AnalyzeResult:
-    """Spectra of every target; with calibration, also of the activation-whitened weights."""
+    """Spectra of every target; with calibration, also of the activation-whitened weights.
+
+    ``calib_dtype``: matmul dtype of the calibration passes (:func:`resolve_calib_dtype`)."""
     start = time.perf_counter()
     loaded = _loaded(model)
     targets = targets_of(loaded, include, exclude)
+    compute_dtype = resolve_calib_dtype(calib_dtype, loaded.model)
     if calibration is None:
         modules = [analyze_module(t) for t in track(targets, description="spectra")]
     else:
         batches = calibration.batches(CALIBRATION_BATCH)
         if all(t.block_index is not None for t in targets):
             modules = []
-            for step in iterate_blocks(loaded.model, batches, targets, description="calibrating blocks"):
+            for step in iterate_blocks(loaded.model, batches, targets, "calibrating blocks", compute_dtype):
                 modules.extend(analyze_grams(step.targets, step.collect_grams(block_final=True)))
         else:
-            grams = collect_grams_whole_model(loaded.model, batches, targets)
+            grams = collect_grams_whole_model(loaded.model, batches, targets, compute_dtype)
             modules = analyze_grams(targets, grams)
     analysis = summarize(modules, welore_target)
     info = calibration.info.to_dict() if calibration is not None else None
@@ -179,6 +183,7 @@ def factorize(
             "method": done.method,
             "alloc": done.alloc,
             "sequential": done.sequential,
+            "calib_dtype": done.calib_dtype,
             "target": options.target,
             "kept_fraction": outcome.plan.kept_fraction,
             "calibration": info,

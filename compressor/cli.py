@@ -60,6 +60,14 @@ CalibOpt = Annotated[
     ),
 ]
 CalibSamplesOpt = Annotated[int, typer.Option("--calib-samples", min=1, help="Calibration windows.")]
+CalibDtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--calib-dtype",
+        help="Matmul dtype of the calibration forward passes: auto (bfloat16 autocast for a float32 model "
+        "where the hardware has native bfloat16, else the model's dtype), float32 or bfloat16.",
+    ),
+]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for every random choice.")]
 IncludeOpt = Annotated[
     Optional[list[str]],
@@ -181,14 +189,17 @@ def analyze_command(
     json_path: JsonOpt = None,
     plots: Annotated[Optional[Path], typer.Option("--plots", help="Write PNG plots into this folder.")] = None,
     dtype: DtypeOpt = "float32",
+    calib_dtype: CalibDtypeOpt = "auto",
 ) -> None:
     """Singular-value spectra of every target layer, plain and activation-whitened, and predicted costs."""
     from compressor import api
     from compressor.calibration.sources import check_sizes, check_spec
     from compressor.math.allocate import check_target
+    from compressor.pipeline import check_calib_dtype
     from compressor.report import analysis_plots, analysis_table, write_json
 
     check_target(welore_target)
+    check_calib_dtype(calib_dtype)
     check_sizes(calib_samples, seq_len)
     if calib != "none":
         check_spec(calib)
@@ -198,7 +209,8 @@ def analyze_command(
         if calib != "none":
             calibration = api.calibrate(loaded, calib, samples=calib_samples, seq_len=seq_len, seed=seed)
         result = api.analyze(
-            loaded, calibration=calibration, include=include, exclude=exclude, welore_target=welore_target
+            loaded, calibration=calibration, include=include, exclude=exclude, welore_target=welore_target,
+            calib_dtype=calib_dtype,
         )
     analysis_table(result.analysis, out)
     used = "none (weights only)" if calibration is None else f"{calibration.info.spec} ({calibration.info.tokens} tokens)"
@@ -236,6 +248,7 @@ def factorize_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
     json_path: JsonOpt = None,
     dtype: DtypeOpt = "float32",
+    calib_dtype: CalibDtypeOpt = "auto",
 ) -> None:
     """Low-rank factorization W ≈ B·A of every target, ranks chosen to meet --target exactly."""
     from compressor import api
@@ -243,7 +256,7 @@ def factorize_command(
     from compressor.factorize import FactorizeOptions
     from compressor.report import factorize_summary, write_json
 
-    options = FactorizeOptions(target=target, method=method, alloc=alloc, sequential=sequential)
+    options = FactorizeOptions(target=target, method=method, alloc=alloc, sequential=sequential, calib_dtype=calib_dtype)
     options.validate()
     check_sizes(calib_samples, seq_len)
     if options.needs_calibration:

@@ -23,7 +23,7 @@ from compressor.calibration.sources import CalibrationSet
 from compressor.errors import UsageError
 from compressor.math import allocate
 from compressor.math.factorize import Decomposition, svd_decomposition, whitened_decomposition
-from compressor.pipeline import CALIBRATION_BATCH, iterate_blocks
+from compressor.pipeline import CALIBRATION_BATCH, check_calib_dtype, iterate_blocks, resolve_calib_dtype
 from compressor.progress import track
 from compressor.sensitivity import fisher_scale, layer_sensitivities, output_fisher
 from compressor.targets import Target
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("fisher", "whiten", "svd")
 ALLOCATIONS = ("global", "relative", "uniform", "welore")
-SENSITIVITY_WINDOWS = 16
+SENSITIVITY_WINDOWS = 16  # windows of the output-Fisher backward pass, and of the sequential planning pass
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,8 @@ class FactorizeOptions:
     alloc: str = "global"
     sequential: bool = True
     floor_fraction: float = 0.5  # global allocation: no matrix below this share of its uniform rank
+    calib_dtype: str = "auto"  # matmul dtype of the calibration passes (pipeline.resolve_calib_dtype)
+    planning_windows: int | None = SENSITIVITY_WINDOWS  # sequential: pass 1 (spectra for the plan) on this many windows; None: all
 
     def validate(self) -> None:
         allocate.check_target(self.target)
@@ -49,6 +51,9 @@ class FactorizeOptions:
             raise UsageError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.alloc not in ALLOCATIONS:
             raise UsageError(f"unknown --alloc {self.alloc!r}; choose one of {', '.join(ALLOCATIONS)}")
+        check_calib_dtype(self.calib_dtype)
+        if self.planning_windows is not None and self.planning_windows < 1:
+            raise UsageError(f"planning windows must be at least 1, got {self.planning_windows}")
         if not 0 <= self.floor_fraction <= 1:
             raise UsageError(f"floor fraction must be in [0, 1], got {self.floor_fraction}")
 
@@ -195,15 +200,18 @@ def decompose_all(
     calibration: CalibrationSet | None,
     scales: Scales | None = None,
     values_only: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ) -> dict[str, Decomposition]:
     """Pass 1: every target decomposed on the original model (kept only up to useful ranks).
 
     ``scales``: the output weights of the fisher metric; ``values_only``: spectra without
-    singular vectors, all a sequential run needs from this pass."""
+    singular vectors, all a sequential run needs from this pass; ``compute_dtype``: of the
+    forward passes."""
     if calibration is None:
         return {t.name: svd_decomposition(t.weight()).truncated(allocate.max_factored_rank(t.shape), torch.float32) for t in track(targets, description="decomposing")}
     decompositions = {}
-    for step in iterate_blocks(model, calibration.batches(CALIBRATION_BATCH), targets, description="calibrating, decomposing"):
+    batches = calibration.batches(CALIBRATION_BATCH)
+    for step in iterate_blocks(model, batches, targets, "calibrating, decomposing", compute_dtype):
         grams = step.collect_grams(block_final=True)
         for name, d in _decompose_block(step.targets, grams, scales, values_only).items():
             shape = next(t.shape for t in step.targets if t.name == name)
@@ -218,6 +226,7 @@ def factor_targets(
     decompositions: dict[str, Decomposition] | None,
     calibration: CalibrationSet | None,
     scales: Scales | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """Swap each planned target for its factors. Returns the measured whitened error per module
     when the decomposition is re-made in sequential mode, else the pass-1 predictions."""
@@ -242,7 +251,8 @@ def factor_targets(
         for t in track(targets, description="factoring"):
             factor([t], decompositions)
         return errors
-    for step in iterate_blocks(model, calibration.batches(CALIBRATION_BATCH), targets, description="sequential factoring"):
+    batches = calibration.batches(CALIBRATION_BATCH)
+    for step in iterate_blocks(model, batches, targets, "sequential factoring", compute_dtype):
         factor(step.targets, _decompose_block(step.targets, step.collect_grams(), scales))
     return errors
 
@@ -289,9 +299,12 @@ def factorize_model(
         raise UsageError(f"--method {options.method} --alloc {options.alloc} needs calibration data")
     start = time.perf_counter()
     before = count_params(model)
+    compute_dtype = resolve_calib_dtype(options.calib_dtype, model)
+    ran_in = compute_dtype or next(model.parameters()).dtype
+    options = replace(options, calib_dtype=str(ran_in).removeprefix("torch."))  # recorded as what ran
     if options.needs_fisher and fisher is None:
         if _has_lm_head(model):
-            fisher = output_fisher(model, targets, calibration.batches(1)[:SENSITIVITY_WINDOWS])
+            fisher = output_fisher(model, targets, calibration.batches(1)[:SENSITIVITY_WINDOWS], compute_dtype)
         else:
             log.warning("%s has no language-model head to take loss gradients from: %s", type(model).__name__,
                         "--method fisher falls back to whiten, --alloc global to relative errors")
@@ -305,8 +318,13 @@ def factorize_model(
     sequential = options.sequential and whitened
     own_decompositions = decompositions is None
     if decompositions is None:
+        # Sequential: pass 1 only plans the ranks (pass 2 re-decomposes every block on all the
+        # windows), and spectra from a few windows plan as well as from all of them.
+        planning = calibration
+        if sequential and options.planning_windows is not None:
+            planning = calibration.head(options.planning_windows)
         decompositions = decompose_all(
-            model, targets, calibration if whitened else None, scales, values_only=sequential or dry_run
+            model, targets, planning if whitened else None, scales, sequential or dry_run, compute_dtype
         )
     spectra = {t.name: decompositions[t.name].sv for t in targets}
     plain = spectra if options.method == "svd" else {}
@@ -319,7 +337,7 @@ def factorize_model(
     if sequential:
         if own_decompositions:
             decompositions.clear()
-        errors = factor_targets(model, targets, plan, None, calibration, scales)
+        errors = factor_targets(model, targets, plan, None, calibration, scales, compute_dtype)
     else:
         errors = factor_targets(model, targets, plan, decompositions, None)
     return FactorizeOutcome(plan, before, count_params(model), time.perf_counter() - start, errors)

@@ -12,9 +12,10 @@ from compressor.cli import run
 from compressor.factorize import FactorizeOptions, factorize_model
 from compressor.formats.factored import FactoredLinear, factored_modules, load_factored
 from compressor.loading import load_model
-from compressor.pipeline import collect_grams_whole_model
+from compressor.errors import UsageError
+from compressor.pipeline import collect_grams_whole_model, resolve_calib_dtype
 from compressor.sensitivity import fisher_scale, output_fisher
-from compressor.targets import select_targets
+from compressor.targets import find_blocks, select_targets
 
 
 def _calibration(tiny, text_file, samples=6, seq_len=24):
@@ -47,7 +48,7 @@ def test_predicted_error_equals_measured_on_calibration(request, text_file, kind
     weights = {t.name: t.weight().to(torch.float64).clone() for t in targets}
     grams = collect_grams_whole_model(model, calibration.batches(4), targets)
     fisher = output_fisher(model, targets, calibration.batches(2))
-    options = FactorizeOptions(0.5, method=method, sequential=False)
+    options = FactorizeOptions(0.5, method=method, sequential=False, calib_dtype="float32")
     outcome = factorize_model(model, targets, options, calibration, fisher=fisher)
     factored = factored_modules(model)
     assert factored, "nothing was factored"
@@ -240,3 +241,57 @@ def test_sequential_refits_later_blocks_on_the_factored_prefix(tiny_llama, text_
         torch.testing.assert_close(dense[True][n], dense[False][n], rtol=1e-5, atol=1e-6)
     change = max(float((dense[True][n] - dense[False][n]).norm() / dense[False][n].norm()) for n in later)
     assert change > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_recomputing_blocks_gives_the_same_fisher(request, text_file, kind):
+    tiny = request.getfixturevalue(f"tiny_{kind}")
+    model = _fresh(tiny)
+    targets = select_targets(model)
+    batches = _calibration(tiny, text_file, samples=3, seq_len=16).batches(1)
+    kept = output_fisher(model, targets, batches, recompute=False)
+    recomputed = output_fisher(model, targets, batches, recompute=True)
+    for name in kept:
+        torch.testing.assert_close(recomputed[name], kept[name], rtol=1e-6, atol=1e-14)
+    _, blocks = find_blocks(model)
+    assert all("forward" not in block.__dict__ for block in blocks)  # the model's own forward is back
+
+
+def test_bfloat16_calibration_plans_close_to_float32(tiny_llama, text_file):
+    calibration = _calibration(tiny_llama, text_file)
+    outcomes = {}
+    for dtype in ("float32", "bfloat16"):
+        model = _fresh(tiny_llama)
+        options = FactorizeOptions(0.5, sequential=False, calib_dtype=dtype)
+        outcomes[dtype] = factorize_model(model, select_targets(model), options, calibration, dry_run=True)
+        assert outcomes[dtype].plan.options.calib_dtype == dtype  # recorded as what ran
+    fp32, bf16 = (outcomes[d].plan for d in ("float32", "bfloat16"))
+    assert bf16.mean_relative_error == pytest.approx(fp32.mean_relative_error, rel=0.05)
+    differing = sum(a.rank != b.rank for a, b in zip(fp32.modules, bf16.modules))
+    assert differing <= len(fp32.modules) // 2
+
+
+def test_sequential_plans_on_the_first_windows(tiny_llama, text_file):
+    calibration = _calibration(tiny_llama, text_file, samples=6)
+    model = _fresh(tiny_llama)
+    targets = select_targets(model)
+    fisher = output_fisher(model, targets, calibration.batches(1)[:2])
+    sequential = FactorizeOptions(0.5, sequential=True, planning_windows=2, calib_dtype="float32")
+    one_shot = FactorizeOptions(0.5, sequential=False, calib_dtype="float32")
+    planned = factorize_model(model, targets, sequential, calibration, dry_run=True, fisher=fisher).plan
+    on_head = factorize_model(model, targets, one_shot, calibration.head(2), dry_run=True, fisher=fisher).plan
+    on_all = factorize_model(model, targets, one_shot, calibration, dry_run=True, fisher=fisher).plan
+    assert [m.discarded for m in planned.modules] == pytest.approx([m.discarded for m in on_head.modules], rel=1e-9)
+    assert [m.discarded for m in planned.modules] != pytest.approx([m.discarded for m in on_all.modules], rel=1e-6)
+
+
+def test_calib_dtype_resolution(tiny_llama):
+    model = _fresh(tiny_llama)
+    assert resolve_calib_dtype("float32", model) is None
+    assert resolve_calib_dtype("bfloat16", model) is torch.bfloat16
+    assert resolve_calib_dtype("auto", model) in (None, torch.bfloat16)
+    assert resolve_calib_dtype("bfloat16", model.to(torch.bfloat16)) is None  # already runs in its own dtype
+    with pytest.raises(UsageError):
+        resolve_calib_dtype("float8", model)
+    with pytest.raises(UsageError):
+        FactorizeOptions(0.5, calib_dtype="half").validate()
