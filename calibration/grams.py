@@ -26,10 +26,12 @@ class Gram:
     _upper: np.ndarray | None = field(default=None, repr=False)
 
     _device_sum: torch.Tensor | None = field(default=None, repr=False)
+    _matrix: torch.Tensor | None = field(default=None, repr=False)
 
     def add(self, x: torch.Tensor) -> None:
         rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
         self.tokens += rows.shape[0]
+        self._matrix = None
         if rows.device.type != "cpu":
             # On an accelerator a full float32 matmul is cheap; keep the sum there in float64.
             product = (rows.T @ rows).to(torch.float64)
@@ -41,13 +43,16 @@ class Gram:
 
     @property
     def matrix(self) -> torch.Tensor:
-        """The full symmetric XᵀX, float64, on the CPU."""
+        """The full symmetric XᵀX, float64, on the CPU (built once until more rows are added)."""
+        if self._matrix is not None:
+            return self._matrix
         total = torch.zeros(self.dim, self.dim, dtype=torch.float64)
         if self._upper is not None:
             upper = np.triu(self._upper)
             total += torch.from_numpy(upper + np.triu(upper, 1).T)
         if self._device_sum is not None:
             total += self._device_sum.cpu()
+        self._matrix = total
         return total
 
 

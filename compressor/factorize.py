@@ -185,10 +185,15 @@ def _decompose_block(
 ) -> dict[str, Decomposition]:
     if grams is None:
         return {t.name: svd_decomposition(t.weight()) for t in targets}
-    roots = gram_roots(grams, [t.name for t in targets])
+    # Only a matrix with more outputs than inputs needs the whitening root (whitened_decomposition).
+    roots = gram_roots(grams, [t.name for t in targets if t.shape[0] > t.shape[1]])
     return {
         t.name: whitened_decomposition(
-            t.weight(), root=roots[t.name], scale=None if scales is None else scales[t.name], values_only=values_only
+            t.weight(),
+            gram=grams[t.name].matrix,
+            root=roots.get(t.name),
+            scale=None if scales is None else scales[t.name],
+            values_only=values_only,
         )
         for t in targets
     }

@@ -156,3 +156,30 @@ def test_bad_output_scale_is_refused(bad):
     w, x = _random_problem()
     with pytest.raises((ValueError, NumericalError)):
         whitened_decomposition(w, gram=x.T @ x, scale=bad.double())
+
+
+@pytest.mark.parametrize("out_features", [24, 32, 40])  # fewer, as many, more outputs than inputs
+@pytest.mark.parametrize("given", ["gram", "root", "both"])
+@pytest.mark.parametrize("tokens", [200, 12])  # 12 tokens: a rank-deficient Gram
+def test_eigen_route_matches_the_svd_of_the_whitened_weight(out_features, given, tokens):
+    from compressor.math.spectra import gram_root
+
+    w, x = _random_problem(out_features=out_features, tokens=tokens)
+    scale = torch.linspace(0.5, 2.0, out_features, dtype=torch.float64)
+    gram = x.T @ x
+    root = gram_root(gram)
+    kwargs = {"gram": gram if given != "root" else None, "root": root if given != "gram" else None, "scale": scale}
+    u_ref, sv_ref, _ = torch.linalg.svd(scale[:, None] * w @ root, full_matrices=False)
+    d = whitened_decomposition(w, **kwargs)
+    values = whitened_decomposition(w, values_only=True, **kwargs)
+    top = float(sv_ref[0])
+    torch.testing.assert_close(d.sv, sv_ref, rtol=0, atol=1e-6 * top)
+    torch.testing.assert_close(values.sv, sv_ref, rtol=0, atol=1e-6 * top)
+    assert d.u.shape == u_ref.shape
+    torch.testing.assert_close(d.u.T @ d.u, torch.eye(d.u.shape[1], dtype=torch.float64), rtol=0, atol=1e-9)
+    for rank in (1, 5, min(10, tokens - 2)):
+        projector = d.u[:, :rank] @ d.u[:, :rank].T
+        torch.testing.assert_close(projector, u_ref[:, :rank] @ u_ref[:, :rank].T, rtol=0, atol=1e-6)
+        b, a = d.factors(w, rank, torch.float64)
+        measured = torch.linalg.matrix_norm(scale[:, None] * (w - b @ a) @ x.T) ** 2
+        assert measured.item() == pytest.approx(float((sv_ref[rank:] ** 2).sum()), rel=1e-6, abs=1e-9 * top**2)

