@@ -6,6 +6,7 @@ or ``self`` (text the model samples from its BOS token, so that no data is neede
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -65,13 +66,21 @@ def check_spec(spec: str) -> None:
 
 
 def load_calibration(
-    spec: str, tokenizer, model=None, *, samples: int = 64, seq_len: int = 512, seed: int = 0
+    spec: str,
+    tokenizer,
+    model=None,
+    *,
+    samples: int = 64,
+    seq_len: int = 512,
+    seed: int = 0,
+    compute_dtype: torch.dtype | None = None,
 ) -> CalibrationSet:
+    """``compute_dtype``: autocast dtype of the model while it generates (``self``)."""
     check_sizes(samples, seq_len)
     if spec == "self":
         if model is None:
             raise UsageError("--calib self needs the model to generate from")
-        return _self_generated(model, tokenizer, samples, seq_len, seed)
+        return _self_generated(model, tokenizer, samples, seq_len, seed, compute_dtype)
     check_spec(spec)
     if spec.startswith("hf:"):
         text = _hf_text(spec)
@@ -145,7 +154,9 @@ def _random_windows(ids: torch.Tensor, spec: str, samples: int, seq_len: int, se
     return CalibrationSet(windows[chosen].clone(), info)
 
 
-def _self_generated(model, tokenizer, samples: int, seq_len: int, seed: int) -> CalibrationSet:
+def _self_generated(
+    model, tokenizer, samples: int, seq_len: int, seed: int, compute_dtype: torch.dtype | None = None
+) -> CalibrationSet:
     """Sample ``samples`` sequences of ``seq_len`` tokens from the model itself, starting at BOS."""
     info = CalibrationInfo(spec="self", samples=samples, seq_len=seq_len, seed=seed, tokens=samples * seq_len)
     generator = torch.Generator().manual_seed(seed)
@@ -161,7 +172,8 @@ def _self_generated(model, tokenizer, samples: int, seq_len: int, seed: int) -> 
     batch = 16
     chunks = []
     device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[]):
+    precision = torch.autocast(device.type, dtype=compute_dtype) if compute_dtype else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=[]), precision:
         torch.manual_seed(seed)
         for first in track(range(0, samples, batch), description="generating calibration text"):
             n = min(batch, samples - first)

@@ -59,10 +59,20 @@ def evaluate(
 
 
 def calibrate(
-    loaded: LoadedModel, spec: str = "self", *, samples: int = 64, seq_len: int = 512, seed: int = 0
+    loaded: LoadedModel,
+    spec: str = "self",
+    *,
+    samples: int = 64,
+    seq_len: int = 512,
+    seed: int = 0,
+    calib_dtype: str = "auto",
 ) -> CalibrationSet:
+    """Calibration windows; ``calib_dtype``: matmul dtype while the model generates them (``self``)."""
     loaded.check_seq_len(seq_len)
-    return load_calibration(spec, loaded.tokenizer, loaded.model, samples=samples, seq_len=seq_len, seed=seed)
+    compute_dtype = resolve_calib_dtype(calib_dtype, loaded.model)
+    return load_calibration(
+        spec, loaded.tokenizer, loaded.model, samples=samples, seq_len=seq_len, seed=seed, compute_dtype=compute_dtype
+    )
 
 
 @dataclass
@@ -173,7 +183,9 @@ def factorize(
     targets = targets_of(loaded, include, exclude)
     calibration = None
     if options.needs_calibration:
-        calibration = calibrate(loaded, calib, samples=calib_samples, seq_len=seq_len, seed=seed)
+        calibration = calibrate(
+            loaded, calib, samples=calib_samples, seq_len=seq_len, seed=seed, calib_dtype=options.calib_dtype
+        )
     outcome = factorize_model(loaded.model, targets, options, calibration, dry_run=output is None)
     info = calibration.info.to_dict() if calibration is not None else None
     file_bytes = None

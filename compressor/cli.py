@@ -207,7 +207,9 @@ def analyze_command(
     with _progress():
         calibration = None
         if calib != "none":
-            calibration = api.calibrate(loaded, calib, samples=calib_samples, seq_len=seq_len, seed=seed)
+            calibration = api.calibrate(
+                loaded, calib, samples=calib_samples, seq_len=seq_len, seed=seed, calib_dtype=calib_dtype
+            )
         result = api.analyze(
             loaded, calibration=calibration, include=include, exclude=exclude, welore_target=welore_target,
             calib_dtype=calib_dtype,

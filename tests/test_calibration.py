@@ -146,9 +146,11 @@ def test_self_needs_model(tokenizer):
         load_calibration("self", tokenizer, None, samples=2, seq_len=8)
 
 
-def test_self_generates_from_bos(tiny_llama):
+@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16])
+def test_self_generates_from_bos(tiny_llama, compute_dtype):
     rng_before = torch.get_rng_state()
-    a = load_calibration("self", tiny_llama.tokenizer, tiny_llama.model, samples=3, seq_len=12, seed=0)
+    kwargs = {"compute_dtype": compute_dtype}
+    a = load_calibration("self", tiny_llama.tokenizer, tiny_llama.model, samples=3, seq_len=12, seed=0, **kwargs)
     assert torch.equal(torch.get_rng_state(), rng_before)  # the global RNG is left alone
     assert a.input_ids.shape == (3, 12)
     assert a.input_ids.dtype == torch.long
@@ -156,8 +158,8 @@ def test_self_generates_from_bos(tiny_llama):
     assert ((a.input_ids >= 0) & (a.input_ids < VOCAB)).all()
     # sampled, not a constant: a random tiny model spreads its probability over the vocabulary
     assert a.input_ids[:, 1:].unique().numel() > 5
-    b = load_calibration("self", tiny_llama.tokenizer, tiny_llama.model, samples=3, seq_len=12, seed=0)
-    c = load_calibration("self", tiny_llama.tokenizer, tiny_llama.model, samples=3, seq_len=12, seed=1)
+    b = load_calibration("self", tiny_llama.tokenizer, tiny_llama.model, samples=3, seq_len=12, seed=0, **kwargs)
+    c = load_calibration("self", tiny_llama.tokenizer, tiny_llama.model, samples=3, seq_len=12, seed=1, **kwargs)
     assert torch.equal(a.input_ids, b.input_ids)
     assert not torch.equal(a.input_ids, c.input_ids)
     info = a.info.to_dict()
