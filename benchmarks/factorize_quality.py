@@ -51,8 +51,7 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--calib-dtypes", nargs="+", default=["auto"], choices=["auto", "float32", "bfloat16"],
                         help="matmul dtype of the calibration passes; several: every row once per dtype")
-    parser.add_argument("--planning-windows", type=int, default=SENSITIVITY_WINDOWS,
-                        help="sequential rows: windows of the planning pass (0: all, as one-shot)")
+
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None)
@@ -84,7 +83,6 @@ def main() -> None:
             pending = [(t, a, m) for t, a, m in pending if (a, m) != (alloc, method)]
         configs += [(calib_name, float(t), m, a, "sequential") for t, a, m in pending]
     configs = [(*c, dtype) for dtype in args.calib_dtypes for c in configs]
-    planning_windows = args.planning_windows or None
     # Pass 1 (decomposing the original weights) and the output Fisher are shared by all configurations
     # that would compute the same ones.
     shared: dict[tuple, dict] = {}
@@ -93,8 +91,7 @@ def main() -> None:
         model = copy.deepcopy(original)
         targets = select_targets(model)
         options = FactorizeOptions(
-            target=target, method=method, alloc=alloc, sequential=mode == "sequential",
-            calib_dtype=calib_dtype, planning_windows=planning_windows,
+            target=target, method=method, alloc=alloc, sequential=mode == "sequential", calib_dtype=calib_dtype
         )
         compute_dtype = resolve_calib_dtype(calib_dtype, model)
         start = time.perf_counter()
@@ -103,14 +100,11 @@ def main() -> None:
             windows = calibration.batches(1)[:SENSITIVITY_WINDOWS]
             fishers[calib_name, calib_dtype] = output_fisher(model, targets, windows, compute_dtype)
         fisher = fishers.get((calib_name, calib_dtype))
-        planning = calibration
-        if options.sequential and planning_windows is not None:
-            planning = calibration.head(planning_windows)
-        key = (calib_name, method, calib_dtype, planning.info.samples)
+        key = (calib_name, method, calib_dtype)
         if key not in shared:
             scales = {n: fisher_scale(v) for n, v in fisher.items()} if method == "fisher" else None
             shared[key] = decompose_all(
-                model, targets, planning if method != "svd" else None, scales, compute_dtype=compute_dtype
+                model, targets, calibration if method != "svd" else None, scales, compute_dtype=compute_dtype
             )
         outcome = factorize_model(model, targets, options, calibration, decompositions=shared[key], fisher=fisher)
         seconds = time.perf_counter() - start
@@ -120,8 +114,7 @@ def main() -> None:
             "method": method,
             "alloc": alloc,
             "mode": mode,
-            "calib_dtype": calib_dtype,
-            "planning_windows": planning.info.samples,
+            "calib_dtype": outcome.plan.options.calib_dtype,
             "kept_fraction": round(outcome.plan.kept_fraction, 4),
             "predicted_mean_relative_error": round(outcome.plan.mean_relative_error, 4),
             "perplexity": evaluate(model),

@@ -41,11 +41,6 @@ class CalibrationSet:
     def batches(self, batch_size: int) -> list[torch.Tensor]:
         return list(self.input_ids.split(batch_size))
 
-    def head(self, samples: int) -> "CalibrationSet":
-        """The first ``samples`` windows (all of them if there are fewer)."""
-        ids = self.input_ids[:samples]
-        return CalibrationSet(ids, CalibrationInfo(**{**self.info.to_dict(), "samples": ids.shape[0], "tokens": ids.numel()}))
-
 
 def check_sizes(samples: int, seq_len: int) -> None:
     if samples < 1:

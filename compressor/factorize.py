@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("fisher", "whiten", "svd")
 ALLOCATIONS = ("global", "relative", "uniform", "welore")
-SENSITIVITY_WINDOWS = 16  # windows of the output-Fisher backward pass, and of the sequential planning pass
+SENSITIVITY_WINDOWS = 16  # windows of the output-Fisher backward pass
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,6 @@ class FactorizeOptions:
     sequential: bool = True
     floor_fraction: float = 0.5  # global allocation: no matrix below this share of its uniform rank
     calib_dtype: str = "auto"  # matmul dtype of the calibration passes (pipeline.resolve_calib_dtype)
-    planning_windows: int | None = SENSITIVITY_WINDOWS  # sequential: pass 1 (spectra for the plan) on this many windows; None: all
 
     def validate(self) -> None:
         allocate.check_target(self.target)
@@ -52,8 +51,6 @@ class FactorizeOptions:
         if self.alloc not in ALLOCATIONS:
             raise UsageError(f"unknown --alloc {self.alloc!r}; choose one of {', '.join(ALLOCATIONS)}")
         check_calib_dtype(self.calib_dtype)
-        if self.planning_windows is not None and self.planning_windows < 1:
-            raise UsageError(f"planning windows must be at least 1, got {self.planning_windows}")
         if not 0 <= self.floor_fraction <= 1:
             raise UsageError(f"floor fraction must be in [0, 1], got {self.floor_fraction}")
 
@@ -323,13 +320,8 @@ def factorize_model(
     sequential = options.sequential and whitened
     own_decompositions = decompositions is None
     if decompositions is None:
-        # Sequential: pass 1 only plans the ranks (pass 2 re-decomposes every block on all the
-        # windows), and spectra from a few windows plan as well as from all of them.
-        planning = calibration
-        if sequential and options.planning_windows is not None:
-            planning = calibration.head(options.planning_windows)
         decompositions = decompose_all(
-            model, targets, planning if whitened else None, scales, sequential or dry_run, compute_dtype
+            model, targets, calibration if whitened else None, scales, sequential or dry_run, compute_dtype
         )
     spectra = {t.name: decompositions[t.name].sv for t in targets}
     plain = spectra if options.method == "svd" else {}

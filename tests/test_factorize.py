@@ -271,20 +271,6 @@ def test_bfloat16_calibration_plans_close_to_float32(tiny_llama, text_file):
     assert differing <= len(fp32.modules) // 2
 
 
-def test_sequential_plans_on_the_first_windows(tiny_llama, text_file):
-    calibration = _calibration(tiny_llama, text_file, samples=6)
-    model = _fresh(tiny_llama)
-    targets = select_targets(model)
-    fisher = output_fisher(model, targets, calibration.batches(1)[:2])
-    sequential = FactorizeOptions(0.5, sequential=True, planning_windows=2, calib_dtype="float32")
-    one_shot = FactorizeOptions(0.5, sequential=False, calib_dtype="float32")
-    planned = factorize_model(model, targets, sequential, calibration, dry_run=True, fisher=fisher).plan
-    on_head = factorize_model(model, targets, one_shot, calibration.head(2), dry_run=True, fisher=fisher).plan
-    on_all = factorize_model(model, targets, one_shot, calibration, dry_run=True, fisher=fisher).plan
-    assert [m.discarded for m in planned.modules] == pytest.approx([m.discarded for m in on_head.modules], rel=1e-9)
-    assert [m.discarded for m in planned.modules] != pytest.approx([m.discarded for m in on_all.modules], rel=1e-6)
-
-
 def test_calib_dtype_resolution(tiny_llama):
     model = _fresh(tiny_llama)
     assert resolve_calib_dtype("float32", model) is None
