@@ -113,17 +113,21 @@ def test_hooks_removed_on_error(tiny_llama):
     assert all(len(m._forward_pre_hooks) == 0 for m in modules.values())
 
 
-def test_gram_add_accumulates():
+@pytest.mark.parametrize("dim", [1, 3, 5, 8, 97])  # dims below, at and off the block count
+def test_gram_add_accumulates(dim):
     g = torch.Generator().manual_seed(1)
-    x1 = torch.randn(2, 7, 5, generator=g)
-    x2 = torch.randn(11, 5, generator=g)
-    gram = Gram(modules=["m"], dim=5)
-    torch.testing.assert_close(gram.matrix, torch.zeros(5, 5, dtype=torch.float64))
+    x1 = torch.randn(2, 7, dim, generator=g)
+    x2 = torch.randn(11, dim, generator=g, dtype=torch.bfloat16)  # bfloat16 activations (autocast)
+    gram = Gram(modules=["m"], dim=dim)
+    torch.testing.assert_close(gram.matrix, torch.zeros(dim, dim, dtype=torch.float64))
     gram.add(x1)
+    first = gram.matrix
     gram.add(x2)
-    x = torch.cat([x1.reshape(-1, 5), x2]).double()
+    assert gram.matrix is not first  # rebuilt after more rows
+    x = torch.cat([x1.reshape(-1, dim), x2.float()]).double()
     assert gram.tokens == 25
     _assert_gram_close(gram.matrix, x.T @ x)
+    torch.testing.assert_close(gram.matrix, gram.matrix.T, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("block_final", [False, True])
