@@ -53,6 +53,8 @@ def main() -> None:
                         help="matmul dtype of the calibration passes; several: every row once per dtype")
 
     parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument("--fisher-windows", type=int, default=SENSITIVITY_WINDOWS,
+                        help="windows of the output-Fisher backward pass (the tool uses %(default)s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -97,7 +99,7 @@ def main() -> None:
         start = time.perf_counter()
         calibration = calibrations[calib_name]
         if options.needs_fisher and (calib_name, calib_dtype) not in fishers:
-            windows = calibration.batches(1)[:SENSITIVITY_WINDOWS]
+            windows = calibration.batches(1)[: args.fisher_windows]
             fishers[calib_name, calib_dtype] = output_fisher(model, targets, windows, compute_dtype)
         fisher = fishers.get((calib_name, calib_dtype))
         key = (calib_name, method, calib_dtype)
@@ -115,6 +117,7 @@ def main() -> None:
             "alloc": alloc,
             "mode": mode,
             "calib_dtype": outcome.plan.options.calib_dtype,
+            "fisher_windows": args.fisher_windows if options.needs_fisher else None,
             "kept_fraction": round(outcome.plan.kept_fraction, 4),
             "predicted_mean_relative_error": round(outcome.plan.mean_relative_error, 4),
             "perplexity": evaluate(model),
