@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import os
@@ -369,26 +368,5 @@ def run(argv: list[str] | None = None) -> int:
         return _fail(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", EXIT_INTERNAL)
 
 
-def _return_large_frees_to_the_system() -> None:
-    """Serve allocations of 128 KiB and more by mmap, so that freeing them returns the memory.
-
-    glibc's default threshold grows to 32 MiB after the first large free; the activation
-    and logit buffers of the calibration passes then stay in the heap, fragment it, and
-    held SmolLM2's factorize peak at 2.04 GB resident instead of 1.67 GB (measured). Only
-    the process running the CLI is changed; a library user keeps their allocator as it is.
-    """
-    if sys.platform != "linux":
-        return
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-
-
 def main() -> None:
-    _return_large_frees_to_the_system()
     sys.exit(run())
