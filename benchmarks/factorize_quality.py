@@ -23,7 +23,7 @@ from compressor import api
 from compressor.calibration.sources import tokenize_text
 from compressor.evaluate import perplexity
 from compressor.factorize import SENSITIVITY_WINDOWS, FactorizeOptions, decompose_all, factorize_model
-from compressor.pipeline import resolve_calib_dtype
+from compressor.precision import CALIB_DTYPES, resolve_calib_dtype
 from compressor.sensitivity import fisher_scale, output_fisher
 from compressor.loading import load_model
 from compressor.targets import select_targets
@@ -49,7 +49,7 @@ def main() -> None:
         help="calibration sources to run the grid with (self: text the model samples itself)",
     )
     parser.add_argument("--calib-samples", type=int, default=64)
-    parser.add_argument("--calib-dtypes", nargs="+", default=["auto"], choices=["auto", "float32", "bfloat16"],
+    parser.add_argument("--calib-dtypes", nargs="+", default=["auto"], choices=CALIB_DTYPES,
                         help="matmul dtype of the calibration passes; several: every row once per dtype")
 
     parser.add_argument("--eval-windows", type=int, default=32)

@@ -6,7 +6,6 @@ or ``self`` (text the model samples from its BOS token, so that no data is neede
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import logging
@@ -17,6 +16,7 @@ import torch
 
 from compressor.errors import InvalidInputError, UsageError
 from compressor.math.sampling import sample_top_p
+from compressor.precision import autocast_to
 from compressor.progress import track
 
 log = logging.getLogger(__name__)
@@ -166,14 +166,13 @@ def _self_generated(
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise InvalidInputError("--calib self needs a BOS or EOS token to start from; pass --calib FILE")
-    device = next(model.parameters()).device
-    precision = torch.autocast(device.type, dtype=compute_dtype) if compute_dtype else contextlib.nullcontext()
+    eos = _eos_ids(model, tokenizer)
     chunks = []
-    with precision:
+    with autocast_to(model, compute_dtype):
         for first in range(0, samples, GENERATION_BATCH):
             rows = min(GENERATION_BATCH, samples - first)
             part = f" ({first // GENERATION_BATCH + 1}/{-(-samples // GENERATION_BATCH)})" if samples > rows else ""
-            chunks.append(_sample_from(model, start, rows, seq_len, generator, _eos_ids(model, tokenizer), part))
+            chunks.append(_sample_from(model, start, rows, seq_len, generator, eos, part))
     ids = torch.cat(chunks)
     note = f"sampled from BOS: top_p={TOP_P}, temperature=1.0, end-of-text suppressed"
     return CalibrationSet(ids, CalibrationInfo(**{**info.to_dict(), "note": note}))

@@ -14,7 +14,8 @@ from compressor.calibration.sources import CalibrationSet, load_calibration, tok
 from compressor.errors import InvalidInputError, UsageError
 from compressor.evaluate import PerplexityResult, perplexity
 from compressor.loading import LoadedModel, load_model
-from compressor.pipeline import CALIBRATION_BATCH, collect_grams_whole_model, iterate_blocks, resolve_calib_dtype
+from compressor.pipeline import CALIBRATION_BATCH, collect_grams_whole_model, iterate_blocks
+from compressor.precision import resolve_calib_dtype
 from compressor.progress import track
 from compressor.targets import Target, select_targets
 

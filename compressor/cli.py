@@ -195,7 +195,7 @@ def analyze_command(
     from compressor import api
     from compressor.calibration.sources import check_sizes, check_spec
     from compressor.math.allocate import check_target
-    from compressor.pipeline import check_calib_dtype
+    from compressor.precision import check_calib_dtype
     from compressor.report import analysis_plots, analysis_table, write_json
 
     check_target(welore_target)

@@ -23,7 +23,8 @@ from compressor.calibration.sources import CalibrationSet
 from compressor.errors import UsageError
 from compressor.math import allocate
 from compressor.math.factorize import Decomposition, svd_decomposition, whitened_decomposition
-from compressor.pipeline import CALIBRATION_BATCH, check_calib_dtype, iterate_blocks, resolve_calib_dtype
+from compressor.pipeline import CALIBRATION_BATCH, iterate_blocks
+from compressor.precision import check_calib_dtype, resolve_calib_dtype
 from compressor.progress import track
 from compressor.sensitivity import fisher_scale, layer_sensitivities, output_fisher
 from compressor.targets import Target
@@ -42,7 +43,7 @@ class FactorizeOptions:
     alloc: str = "global"
     sequential: bool = True
     floor_fraction: float = 0.5  # global allocation: no matrix below this share of its uniform rank
-    calib_dtype: str = "auto"  # matmul dtype of the calibration passes (pipeline.resolve_calib_dtype)
+    calib_dtype: str = "auto"  # matmul dtype of the calibration passes (precision.resolve_calib_dtype)
 
     def validate(self) -> None:
         allocate.check_target(self.target)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from compressor.pipeline import autocast_to
+from compressor.precision import autocast_to
 from compressor.progress import track
 from compressor.targets import Target, find_blocks
 

@@ -13,7 +13,8 @@ from compressor.factorize import FactorizeOptions, factorize_model
 from compressor.formats.factored import FactoredLinear, factored_modules, load_factored
 from compressor.loading import load_model
 from compressor.errors import UsageError
-from compressor.pipeline import collect_grams_whole_model, resolve_calib_dtype
+from compressor.pipeline import collect_grams_whole_model
+from compressor.precision import resolve_calib_dtype
 from compressor.sensitivity import fisher_scale, output_fisher
 from compressor.targets import find_blocks, select_targets
 
