@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from compressor.attention import chunked_causal_attention
 from compressor.calibration.grams import GramCollector
 from compressor.precision import autocast_to
 from compressor.progress import track
@@ -86,7 +87,7 @@ class BlockStep:
     _outputs: list[BlockInput] | None = None
 
     def _run(self, inp: BlockInput):
-        with autocast_to(self.block, self.compute_dtype):
+        with autocast_to(self.block, self.compute_dtype), chunked_causal_attention():
             return self.block(*inp.args, **inp.kwargs)
 
     @torch.inference_mode()
@@ -147,6 +148,6 @@ def collect_grams_whole_model(
     device = next(model.parameters()).device
     with GramCollector({t.name: t.module for t in targets}) as collector:
         for batch in track(batches, description="calibrating"):
-            with autocast_to(model, compute_dtype):
+            with autocast_to(model, compute_dtype), chunked_causal_attention():
                 model(input_ids=batch.to(device), **_model_kwargs(model))
     return collector.grams
