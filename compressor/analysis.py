@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from compressor.calibration.grams import Gram, gram_roots
+from compressor.math.factorize import whitened_decomposition
 from compressor.math import allocate, spectra
 from compressor.targets import Target
 
@@ -92,16 +93,17 @@ def analyze_module(target: Target, gram: Gram | None = None, root: torch.Tensor 
         plain=SpectrumStats.of(spectra.singular_values(weight)),
     )
     if gram is not None:
-        root = spectra.gram_root(gram.matrix) if root is None else root
-        result.whitened = SpectrumStats.of(spectra.whitened_singular_values(weight, root))
+        whitened = whitened_decomposition(weight, gram=gram.matrix, root=root, values_only=True)
+        result.whitened = SpectrumStats.of(whitened.sv)
         result.calibration_tokens = gram.tokens
     return result
 
 
 def analyze_grams(targets: list[Target], grams: dict[str, Gram]) -> list[ModuleAnalysis]:
-    """Analyze targets whose Grams are known; one decomposition per shared Gram."""
-    roots = gram_roots(grams, [t.name for t in targets])
-    return [analyze_module(t, grams[t.name], roots[t.name]) for t in targets]
+    """Analyze targets whose Grams are known; one whitening root per shared Gram, and only for
+    matrices with more outputs than inputs (the others need none, see whitened_decomposition)."""
+    roots = gram_roots(grams, [t.name for t in targets if t.shape[0] > t.shape[1]])
+    return [analyze_module(t, grams[t.name], roots.get(t.name)) for t in targets]
 
 
 def relative_errors(energies: list[torch.Tensor], plan: allocate.Plan) -> float:

@@ -179,8 +179,14 @@ Scales = dict[str, torch.Tensor]
 
 
 def _decompose_block(
-    targets: list[Target], grams: dict[str, Gram] | None, scales: Scales | None = None, values_only: bool = False
+    targets: list[Target],
+    grams: dict[str, Gram] | None,
+    scales: Scales | None = None,
+    values_only: bool = False,
+    keep: dict[str, int] | None = None,
 ) -> dict[str, Decomposition]:
+    """``keep``: per target, the highest rank whose singular vectors are needed (default: all that
+    can save parameters)."""
     if grams is None:
         return {t.name: svd_decomposition(t.weight()) for t in targets}
     # Only a matrix with more outputs than inputs needs the whitening root (whitened_decomposition).
@@ -192,6 +198,7 @@ def _decompose_block(
             root=roots.get(t.name),
             scale=None if scales is None else scales[t.name],
             values_only=values_only,
+            keep=allocate.max_factored_rank(t.shape) if keep is None else keep[t.name],
         )
         for t in targets
     }
@@ -256,7 +263,8 @@ def factor_targets(
         return errors
     batches = calibration.batches(CALIBRATION_BATCH)
     for step in iterate_blocks(model, batches, targets, "sequential factoring", compute_dtype):
-        factor(step.targets, _decompose_block(step.targets, step.collect_grams(), scales))
+        ranks = {t.name: by_name[t.name].rank or 0 for t in step.targets}
+        factor(step.targets, _decompose_block(step.targets, step.collect_grams(), scales, keep=ranks))
     return errors
 
 

@@ -183,3 +183,20 @@ def test_eigen_route_matches_the_svd_of_the_whitened_weight(out_features, given,
         b, a = d.factors(w, rank, torch.float64)
         measured = torch.linalg.matrix_norm(scale[:, None] * (w - b @ a) @ x.T) ** 2
         assert measured.item() == pytest.approx(float((sv_ref[rank:] ** 2).sum()), rel=1e-6, abs=1e-9 * top**2)
+
+
+@pytest.mark.parametrize("out_features", [24, 48])  # eigen route of W·G·Wᵀ, and of MᵀM + QR
+def test_keep_gives_the_leading_singular_vectors_and_the_whole_spectrum(out_features):
+    w, x = _random_problem(out_features=out_features)
+    gram = x.T @ x
+    full = whitened_decomposition(w, gram=gram)
+    kept = whitened_decomposition(w, gram=gram, keep=7)
+    assert kept.u.shape == (out_features, 7)
+    assert torch.equal(kept.sv, full.sv)
+    projector = kept.u @ kept.u.T
+    torch.testing.assert_close(projector, full.u[:, :7] @ full.u[:, :7].T, rtol=0, atol=1e-9)
+    b, a = kept.factors(w, 7, torch.float64)
+    b_full, a_full = full.factors(w, 7, torch.float64)
+    torch.testing.assert_close(b @ a, b_full @ a_full, rtol=0, atol=1e-9)
+    with pytest.raises(ValueError):
+        kept.factors(w, 8)

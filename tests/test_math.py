@@ -10,6 +10,7 @@ import torch
 
 from compressor.errors import NumericalError, UsageError
 from compressor.math import allocate, spectra
+from compressor.math.factorize import whitened_decomposition
 
 
 def _t(values) -> torch.Tensor:
@@ -94,16 +95,15 @@ def test_singular_values_rejects_nan():
         spectra.singular_values(w)
     w[1, 2] = float("inf")
     with pytest.raises(NumericalError):
-        spectra.whitened_singular_values(w, torch.eye(3, dtype=torch.float64))
+        whitened_decomposition(w, gram=torch.eye(3, dtype=torch.float64), values_only=True)
 
 
 @pytest.mark.parametrize("tokens", [40, 6])  # full rank, and rank-deficient (6 rows, dim 10)
-def test_whitened_singular_values_energy(tokens):
+def test_whitened_spectrum_energy(tokens):
     g = torch.Generator().manual_seed(tokens)
     w = torch.randn(7, 10, generator=g).double()  # exactly representable in float32 too
     x = torch.randn(tokens, 10, generator=g, dtype=torch.float64)
-    root = spectra.gram_root(x.T @ x)
-    sv = spectra.whitened_singular_values(w.float(), root)  # a float32 weight: computed in float64
+    sv = whitened_decomposition(w.float(), gram=x.T @ x, values_only=True).sv  # a float32 weight: computed in float64
     assert sv.dtype == torch.float64
     expected = (w @ x.T).pow(2).sum()
     assert float((sv**2).sum()) == pytest.approx(float(expected), rel=1e-10)

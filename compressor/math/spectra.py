@@ -36,12 +36,6 @@ def gram_root(gram: torch.Tensor) -> torch.Tensor:
     return eigvecs * eigvals.clamp_min(0).sqrt()
 
 
-def whitened_singular_values(weight: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
-    """Singular values of W·S: their squares sum to ‖W·Xᵀ‖² for the calibration inputs X."""
-    w = _check_finite(weight.detach().to("cpu", torch.float64), "weight")
-    return torch.linalg.svdvals(w @ root)
-
-
 def energy_rank(sv: torch.Tensor, fraction: float) -> int:
     """Smallest k whose top-k singular values hold ``fraction`` of Σσ²."""
     energy = sv.to(torch.float64) ** 2
