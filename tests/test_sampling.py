@@ -55,3 +55,26 @@ def test_masked_tokens_are_never_drawn():
     logits[:, 2] = float("-inf")
     draws = sample_top_p(logits, 0.99, generator=torch.Generator().manual_seed(0))
     assert 2 not in set(draws.tolist())
+
+
+def test_rows_that_need_more_candidates_go_on_alone(monkeypatch):
+    # Peaked rows settle in the first stage, flat ones in later stages or the full sort;
+    # every row's draw equals what one full sort of that row gives with the same random number.
+    g = torch.Generator().manual_seed(5)
+    sharpness = torch.tensor([8.0, 0.05, 3.0, 0.5, 0.01, 6.0])[:, None]
+    logits = torch.randn(6, 4000, generator=g) * sharpness
+    stages = []
+    draw = sampling._draw
+
+    def spy(ranked, *args):
+        stages.append((ranked.shape[0], ranked.shape[1]))
+        return draw(ranked, *args)
+
+    monkeypatch.setattr(sampling, "_draw", spy)
+    monkeypatch.setattr(sampling, "CANDIDATES", (16, 256))
+    staged = sample_top_p(logits, 0.95, generator=torch.Generator().manual_seed(2))
+    assert len({k for rows, k in stages if rows}) >= 3  # rows settled at different stages
+    assert sum(rows for rows, _ in stages) == 6
+    monkeypatch.setattr(sampling, "CANDIDATES", ())
+    full = sample_top_p(logits, 0.95, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(staged, full)

@@ -11,21 +11,33 @@ def sample_top_p(logits: torch.Tensor, top_p: float, generator: torch.Generator 
     """One token per row of ``logits`` [rows, vocab], drawn from the smallest set of most likely
     tokens whose probability reaches ``top_p`` (renormalized), as nucleus sampling defines it.
 
-    Only the top k tokens are ranked, for the smallest k in ``CANDIDATES`` whose tokens hold
-    ``top_p`` of every row's probability (the nucleus then lies inside them; a full sort is the
-    last resort), and the draw inverts the kept tokens' cumulative distribution: together ~20x
-    cheaper than sorting a 49k vocabulary and ``torch.multinomial`` over it, every step.
+    Each row ranks only its top k tokens, for the smallest k in ``CANDIDATES`` whose tokens hold
+    ``top_p`` of its probability (the nucleus then lies inside them; a full sort is the last
+    resort), and the draw inverts the kept tokens' cumulative distribution: ~20x cheaper than
+    sorting a 49k vocabulary and ``torch.multinomial`` over it, every step. Rows go on to a
+    larger k alone, so one flat row does not make the whole batch rank 16k tokens.
     """
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     probs = torch.softmax(logits.float(), dim=-1)
-    vocab = probs.shape[-1]
+    rows, vocab = probs.shape
+    uniform = torch.rand(rows, 1, generator=generator, dtype=probs.dtype)
+    choice = torch.empty(rows, dtype=torch.long)
+    pending = torch.arange(rows)
     for k in (*[c for c in CANDIDATES if c < vocab], vocab):
-        ranked, index = probs.topk(k, dim=-1) if k < vocab else probs.sort(dim=-1, descending=True)
-        if k == vocab or bool((ranked.sum(-1) >= top_p).all()):
+        candidates = probs[pending]
+        ranked, index = candidates.topk(k, dim=-1) if k < vocab else candidates.sort(dim=-1, descending=True)
+        done = ranked.sum(-1) >= top_p if k < vocab else torch.ones(len(pending), dtype=torch.bool)
+        choice[pending[done]] = _draw(ranked[done], index[done], top_p, uniform[pending[done]])
+        pending = pending[~done]
+        if not len(pending):
             break
+    return choice
+
+
+def _draw(ranked: torch.Tensor, index: torch.Tensor, top_p: float, uniform: torch.Tensor) -> torch.Tensor:
+    """Invert the cumulative distribution of the nucleus within descending ``ranked`` probabilities."""
     mass_before = ranked.cumsum(-1) - ranked
     kept = torch.where(mass_before < top_p, ranked, torch.zeros_like(ranked)).cumsum(-1)
-    draw = torch.rand(kept.shape[0], 1, generator=generator, dtype=kept.dtype) * kept[:, -1:]
-    choice = torch.searchsorted(kept, draw, right=True).clamp_max(k - 1)
+    choice = torch.searchsorted(kept, uniform * kept[:, -1:], right=True).clamp_max(ranked.shape[-1] - 1)
     return index.gather(-1, choice).squeeze(-1)

@@ -1,0 +1,96 @@
+"""Where the memory of `compress factorize` goes: resident and peak memory at each phase.
+
+    python benchmarks/factorize_memory.py [--target 0.8] [--one-shot] [--trim]
+
+Runs the real CLI in this process with probes around its phases (load, calibration,
+output-Fisher pass, pass 1, sequential pass, writing): at each phase's start and end it
+prints the resident set (VmRSS) and the process's peak so far (ru_maxrss). ``--trim``
+also returns freed heap memory to the system (glibc ``malloc_trim``) after each phase,
+to tell memory still in use from memory the allocator keeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+START = time.perf_counter()
+
+
+def resident_gb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024**2
+    return float("nan")
+
+
+def peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def report(label: str) -> None:
+    print(f"[{time.perf_counter() - START:6.1f} s] {label:<28} resident {resident_gb():.2f} GB, peak {peak_gb():.2f} GB", flush=True)
+
+
+def probe(module, name: str, trim) -> None:
+    inner = getattr(module, name)
+
+    @functools.wraps(inner)
+    def wrapper(*args, **kwargs):
+        report(f"> {name}")
+        result = inner(*args, **kwargs)
+        trim()
+        report(f"< {name}")
+        return result
+
+    setattr(module, name, wrapper)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--target", default="0.8")
+    parser.add_argument("--calib", default=str(DATA / "wikitext2-valid.txt"))
+    parser.add_argument("--calib-samples", default="64")
+    parser.add_argument("--one-shot", action="store_true")
+    parser.add_argument("--trim", action="store_true", help="malloc_trim after each phase (glibc)")
+    args = parser.parse_args()
+
+    import torch  # noqa: F401  (imports first: their memory is the floor)
+    import transformers  # noqa: F401
+
+    report("imports (torch, transformers)")
+    libc = ctypes.CDLL("libc.so.6") if args.trim else None
+
+    def trim() -> None:
+        if libc is not None:
+            libc.malloc_trim(0)
+
+    import compressor.api as api
+    import compressor.cli as cli
+    import compressor.factorize as factorize
+    import compressor.formats.factored as factored
+
+    probe(cli, "_load", trim)
+    probe(api, "calibrate", trim)
+    probe(factorize, "output_fisher", trim)
+    probe(factorize, "decompose_all", trim)
+    probe(factorize, "factor_targets", trim)
+    probe(factored, "save_factored", trim)
+    with tempfile.TemporaryDirectory(prefix="factorize-memory-") as out:
+        argv = ["factorize", args.model, "--target", args.target, "-o", str(Path(out) / "model"),
+                "--calib", args.calib, "--calib-samples", args.calib_samples] + (["--one-shot"] if args.one_shot else [])
+        code = cli.run(argv)
+    report("end")
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
