@@ -1,12 +1,13 @@
 """Where the memory of `compress factorize` goes: resident and peak memory at each phase.
 
-    python benchmarks/factorize_memory.py [--target 0.8] [--one-shot] [--trim]
+    python benchmarks/factorize_memory.py [--target 0.8] [--one-shot] [--trim [blocks]]
 
 Runs the real CLI in this process with probes around its phases (load, calibration,
 output-Fisher pass, pass 1, sequential pass, writing): at each phase's start and end it
 prints the resident set (VmRSS) and the process's peak so far (ru_maxrss). ``--trim``
-also returns freed heap memory to the system (glibc ``malloc_trim``) after each phase,
-to tell memory still in use from memory the allocator keeps.
+also returns freed heap memory to the system (glibc ``malloc_trim``) after each phase
+(``--trim blocks``: after every block of a pass too), to tell memory still in use from
+memory the allocator keeps.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def main() -> None:
     parser.add_argument("--calib", default=str(DATA / "wikitext2-valid.txt"))
     parser.add_argument("--calib-samples", default="64")
     parser.add_argument("--one-shot", action="store_true")
-    parser.add_argument("--trim", action="store_true", help="malloc_trim after each phase (glibc)")
+    parser.add_argument("--trim", nargs="?", const="phases", choices=["phases", "blocks"],
+                        help="malloc_trim (glibc) after each phase, or also after each block of a pass")
     args = parser.parse_args()
 
     import torch  # noqa: F401  (imports first: their memory is the floor)
@@ -78,6 +80,17 @@ def main() -> None:
     import compressor.factorize as factorize
     import compressor.formats.factored as factored
 
+    if args.trim == "blocks":
+        import compressor.pipeline as pipeline
+
+        blocks = pipeline.iterate_blocks
+
+        def trimmed(*a, **k):
+            for step in blocks(*a, **k):
+                yield step
+                trim()
+
+        factorize.iterate_blocks = trimmed
     probe(cli, "_load", trim)
     probe(api, "calibrate", trim)
     probe(factorize, "output_fisher", trim)

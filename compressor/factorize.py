@@ -263,8 +263,10 @@ def factor_targets(
         return errors
     batches = calibration.batches(CALIBRATION_BATCH)
     for step in iterate_blocks(model, batches, targets, "sequential factoring", compute_dtype):
-        ranks = {t.name: by_name[t.name].rank or 0 for t in step.targets}
-        factor(step.targets, _decompose_block(step.targets, step.collect_grams(), scales, keep=ranks))
+        factored = [t for t in step.targets if by_name[t.name].rank is not None]
+        ranks = {t.name: by_name[t.name].rank for t in factored}
+        if factored:  # a block whose targets all stay dense needs no statistics
+            factor(factored, _decompose_block(factored, step.collect_grams(only=factored), scales, keep=ranks))
     return errors
 
 

@@ -91,11 +91,12 @@ class BlockStep:
             return self.block(*inp.args, **inp.kwargs)
 
     @torch.inference_mode()
-    def collect_grams(self, block_final: bool = False) -> dict[str, "Gram"]:  # noqa: F821
-        """The targets' input Grams. ``block_final``: the caller will not change the block, so
-        the outputs of this very pass become the next block's inputs (one forward instead of two)."""
+    def collect_grams(self, block_final: bool = False, only: list[Target] | None = None) -> dict[str, "Gram"]:  # noqa: F821
+        """The targets' input Grams (``only``: of these targets alone). ``block_final``: the caller
+        will not change the block, so the outputs of this very pass become the next block's inputs
+        (one forward instead of two)."""
         outputs = []
-        with GramCollector({t.name: t.module for t in self.targets}) as collector:
+        with GramCollector({t.name: t.module for t in (self.targets if only is None else only)}) as collector:
             for inp in self.inputs:
                 out = self._run(inp)
                 if block_final:

@@ -11,8 +11,8 @@ the output units of one layer (the ``fisher`` factorization metric).
 from __future__ import annotations
 
 import contextlib
-from functools import partial
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 from torch import nn

@@ -282,3 +282,26 @@ def test_calib_dtype_resolution(tiny_llama):
         resolve_calib_dtype("float8", model)
     with pytest.raises(UsageError):
         FactorizeOptions(0.5, calib_dtype="half").validate()
+
+
+def test_sequential_leaves_dense_targets_and_all_dense_blocks_alone(tiny_llama, text_file):
+    from dataclasses import replace
+
+    from compressor.factorize import factor_targets
+
+    calibration = _calibration(tiny_llama, text_file)
+    model = _fresh(tiny_llama)
+    targets = select_targets(model)
+    dry = factorize_model(model, targets, FactorizeOptions(0.5, method="whiten", alloc="uniform"), calibration, dry_run=True)
+    dense = {t.name for t in targets if t.block_index == 1 or t.layer_type == "self_attn.k_proj"}
+    plan = replace(dry.plan, modules=[replace(m, rank=None) if m.name in dense else m for m in dry.plan.modules])
+    weights = {n: model.get_submodule(n).weight.detach().clone() for n in dense}
+    errors = factor_targets(model, targets, plan, None, calibration)
+    assert set(errors) == {m.name for m in plan.modules if m.rank is not None}
+    for name in dense:  # untouched: still the dense module, with the very same weight
+        module = model.get_submodule(name)
+        assert not isinstance(module, FactoredLinear)
+        assert torch.equal(module.weight, weights[name])
+    factored = factored_modules(model)
+    assert set(factored) == set(errors)
+    assert all(factored[n].rank == plan.ranks[n] for n in factored)
