@@ -48,14 +48,17 @@ def _chunked_sdpa(stock):
         ):
             return stock(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
         gqa = query.shape[1] != key.shape[1]
-        out = query.new_empty(*query.shape[:3], value.shape[-1])
+        out = None  # allocated at the first chunk, in the dtype attention yields (autocast may lower it)
         visible = torch.ones(QUERY_CHUNK, length, dtype=torch.bool, device=query.device)
         for start in range(0, length, QUERY_CHUNK):
             end = min(start + QUERY_CHUNK, length)
             mask = visible[: end - start, :end].tril(start)
-            out[:, :, start:end] = F.scaled_dot_product_attention(
+            part = F.scaled_dot_product_attention(
                 query[:, :, start:end], key[:, :, :end], value[:, :, :end], attn_mask=mask, scale=scaling, enable_gqa=gqa
             )
+            if out is None:
+                out = part.new_empty(*query.shape[:3], value.shape[-1])
+            out[:, :, start:end] = part
         return out.transpose(1, 2).contiguous(), None
 
     attention.stock = stock
