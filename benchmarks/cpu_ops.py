@@ -7,7 +7,7 @@
    the mask, and compressor.attention's query chunks.
 2. Cross-entropy over the 49,152-token vocabulary for one 512-token window, in the
    (batch, vocab, seq) layout of a transposed call and token-major, float32 and bfloat16,
-   with each one's error against float64.
+   with each one's error against float64, of the loss and of its gradient.
 """
 
 from __future__ import annotations
@@ -49,7 +49,10 @@ def cross_entropy() -> dict:
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(1, 511, 49152, generator=g) * 4
     labels = torch.randint(0, 49152, (1, 511), generator=g)
-    reference = float(F.cross_entropy(logits.double()[0], labels[0], reduction="sum"))
+    exact = logits.double().requires_grad_()
+    loss = F.cross_entropy(exact[0], labels[0], reduction="sum")
+    loss.backward()
+    reference, reference_grad = float(loss), exact.grad
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
         x = logits.to(dtype)
@@ -64,6 +67,10 @@ def cross_entropy() -> dict:
 
             results[f"{name}_{layout}_forward_backward_ms"] = timed(step)
             results[f"{name}_{layout}_relative_error"] = float(call(x)) / reference - 1
+            leaf = x.detach().requires_grad_()
+            call(leaf).backward()
+            error = (leaf.grad.double() - reference_grad).norm() / reference_grad.norm()
+            results[f"{name}_{layout}_gradient_relative_error"] = float(error)
     return results
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/factorize_quality.py --out results/factorize_quality.json
 
-Calibration: 64 windows of 512 tokens of WikiText-2 validation, seed 0 (and `self`).
+Calibration: 64 windows of 512 tokens of WikiText-2 validation, seed 0 unless --seed (and `self`).
 Evaluation: the `compress eval` protocol on the first 32 windows of 512 of WikiText-2 test.
 Runs on the GPU when there is one (`--device cuda`); the numbers do not depend on it beyond
 floating-point noise.
@@ -49,6 +49,7 @@ def main() -> None:
         help="calibration sources to run the grid with (self: text the model samples itself)",
     )
     parser.add_argument("--calib-samples", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0, help="of the calibration windows (which windows, or which text `self` samples)")
     parser.add_argument("--calib-dtypes", nargs="+", default=["auto"], choices=CALIB_DTYPES,
                         help="matmul dtype of the calibration passes; several: every row once per dtype")
 
@@ -71,7 +72,7 @@ def main() -> None:
     loaded.model = original
     specs = {"wikitext2-valid": args.calib, "self": "self"}
     calibrations = {
-        name: api.calibrate(loaded, specs[name], samples=args.calib_samples, seq_len=512, seed=0) for name in args.calib_names
+        name: api.calibrate(loaded, specs[name], samples=args.calib_samples, seq_len=512, seed=args.seed) for name in args.calib_names
     }
 
     # Each (method, allocation)'s one-shot rows, then its sequential ones: the first rows are the default's.
@@ -112,6 +113,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         row = {
             "calibration": calib_name,
+            "seed": args.seed,
             "target": target,
             "method": method,
             "alloc": alloc,

@@ -22,8 +22,8 @@ def main() -> None:
     if len(sys.argv) != 2:
         sys.exit(__doc__)
     folder = sys.argv[1]
-    stock = transformers.AutoModelForCausalLM.from_pretrained(folder)
-    ours, _ = compressor.load(folder)
+    stock = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ours, _ = compressor.load(folder, dtype=torch.float32)
     ids = torch.tensor([[1, 504, 3458, 282, 260, 2341, 30, 216, 504, 314]]) % stock.config.vocab_size
     with torch.no_grad():
         identical = torch.equal(stock(ids).logits, ours(ids).logits)

@@ -72,7 +72,8 @@ def chunked_causal_attention() -> Iterator[None]:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
     current = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    if hasattr(current, "stock"):  # already inside
+    overridden = "sdpa" in getattr(ALL_ATTENTION_FUNCTIONS, "_local_mapping", {})  # someone's own sdpa: keep it
+    if hasattr(current, "stock") or overridden:  # already inside, or not ours to wrap
         yield
         return
     AttentionInterface.register("sdpa", _chunked_sdpa(current))

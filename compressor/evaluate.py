@@ -44,18 +44,22 @@ def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None) -> to
 def window_nll(model, windows: torch.Tensor) -> torch.Tensor:
     """Summed NLL of tokens 2..L of each window, float64, one value per window."""
     device = next(model.parameters()).device
+    windows = windows.to(device)
     with chunked_causal_attention():
-        logits = model(input_ids=windows.to(device), use_cache=False).logits[:, :-1]
-    labels = windows[:, 1:].to(device)
-    nll = token_nll(logits.float(), labels, reduction="none").view(labels.shape)
+        logits = model(input_ids=windows, use_cache=False).logits
+    nll = next_token_nll(logits.float(), windows, reduction="none").view(windows.shape)
     return nll.double().sum(dim=1).cpu()
 
 
-def token_nll(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
-    """Cross-entropy of (..., vocab) logits against (...) labels, over flattened tokens. On the CPU
-    the (batch, vocab, seq) layout of a transposed call is 3x slower and, in float32, sums up to
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Cross-entropy of predicting ``ids[:, 1:]`` from ``logits[:, :-1]`` (logits [batch, seq, vocab]).
+
+    Computed over flattened tokens of the whole logits tensor, the last position ignored
+    (``reduction="none"``: 0 there), so the logits are never copied. On the CPU the
+    (batch, vocab, seq) layout of a transposed call is 3x slower and, in float32, sums up to
     4e-5 low over a 49k vocabulary (``benchmarks/cpu_ops.py``)."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction=reduction)
+    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction=reduction)
 
 
 def perplexity(
@@ -107,14 +111,13 @@ def compare(
     nll = {"model": 0.0, "reference": 0.0}
     agree = 0
     for batch in track(windows.split(batch_size), description="comparing"):
-        labels = batch[:, 1:]
         top1 = {}
         for key, m in (("model", model), ("reference", reference)):
             device = next(m.parameters()).device
             with chunked_causal_attention():
-                logits = m(input_ids=batch.to(device), use_cache=False).logits[:, :-1].float()
-            nll[key] += float(token_nll(logits, labels.to(device)))
-            top1[key] = logits.argmax(-1).cpu()
+                logits = m(input_ids=batch.to(device), use_cache=False).logits.float()
+            nll[key] += float(next_token_nll(logits, batch.to(device)))
+            top1[key] = logits[:, :-1].argmax(-1).cpu()
         agree += int((top1["model"] == top1["reference"]).sum())
     tokens = windows.shape[0] * (seq_len - 1)
     if not all(math.isfinite(v) for v in nll.values()):

@@ -100,3 +100,16 @@ def test_restored_after_an_error():
         with chunked_causal_attention():
             raise RuntimeError("boom")
     assert not hasattr(ALL_ATTENTION_FUNCTIONS["sdpa"], "stock")
+
+
+def test_a_local_sdpa_override_is_left_alone(monkeypatch):
+    from transformers.modeling_utils import AttentionInterface
+
+    def own(*args, **kwargs):
+        raise AssertionError("not called here")
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._local_mapping, "sdpa", own)
+    stock = AttentionInterface._global_mapping["sdpa"]
+    with chunked_causal_attention():
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is own
+    assert AttentionInterface._global_mapping["sdpa"] is stock

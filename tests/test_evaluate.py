@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from compressor import api
 from compressor.calibration.sources import tokenize_text
 from compressor.errors import InvalidInputError, NumericalError, UsageError
-from compressor.evaluate import eval_windows, perplexity, token_nll, window_nll
+from compressor.evaluate import eval_windows, next_token_nll, perplexity, window_nll
 from compressor.loading import LoadedModel
 
 
@@ -130,13 +130,15 @@ def test_api_evaluate_errors(tiny_llama, tiny_bert, tmp_path, small_text_file):
         api.evaluate(bert, small_text_file, seq_len=16)
 
 
-def test_token_nll_is_float64_accurate_on_a_full_vocabulary():
+def test_next_token_nll_is_float64_accurate_on_a_full_vocabulary():
     # The (batch, vocab, seq) layout of torch's CPU cross-entropy sums with a bias of ~4e-6 here
     # (4e-5 on SmolLM2's logits, 0.014 % of its perplexity); the token-major one does not.
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 255, 49152, generator=g) * 4
-    labels = torch.randint(0, 49152, (2, 255), generator=g)
-    reference = F.cross_entropy(logits.double().reshape(-1, 49152), labels.reshape(-1), reduction="sum")
-    assert float(token_nll(logits, labels)) == pytest.approx(float(reference), rel=1e-6)
-    per_token = token_nll(logits, labels, reduction="none")
-    assert per_token.shape == (2 * 255,)
+    logits = torch.randn(2, 65, 49152, generator=g) * 4
+    ids = torch.randint(0, 49152, (2, 65), generator=g)
+    reference = F.cross_entropy(logits[:, :-1].double().reshape(-1, 49152), ids[:, 1:].reshape(-1), reduction="sum")
+    assert float(next_token_nll(logits, ids)) == pytest.approx(float(reference), rel=1e-6)
+    per_token = next_token_nll(logits, ids, reduction="none").view(2, 65)
+    assert torch.equal(per_token[:, -1], torch.zeros(2))  # the last position predicts nothing
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 49152), ids[:, 1:].reshape(-1), reduction="none").view(2, 64)
+    torch.testing.assert_close(per_token[:, :-1], expected)

@@ -284,7 +284,7 @@ def test_calib_dtype_resolution(tiny_llama):
         FactorizeOptions(0.5, calib_dtype="half").validate()
 
 
-def test_sequential_leaves_dense_targets_and_all_dense_blocks_alone(tiny_llama, text_file):
+def test_sequential_leaves_dense_targets_and_all_dense_blocks_alone(tiny_llama, text_file, monkeypatch):
     from dataclasses import replace
 
     from compressor.factorize import factor_targets
@@ -296,7 +296,18 @@ def test_sequential_leaves_dense_targets_and_all_dense_blocks_alone(tiny_llama, 
     dense = {t.name for t in targets if t.block_index == 1 or t.layer_type == "self_attn.k_proj"}
     plan = replace(dry.plan, modules=[replace(m, rank=None) if m.name in dense else m for m in dry.plan.modules])
     weights = {n: model.get_submodule(n).weight.detach().clone() for n in dense}
+    import compressor.pipeline as pipeline
+
+    collected = []
+    collector = pipeline.GramCollector
+
+    def spy(modules):
+        collected.extend(modules)
+        return collector(modules)
+
+    monkeypatch.setattr(pipeline, "GramCollector", spy)
     errors = factor_targets(model, targets, plan, None, calibration)
+    assert collected and not set(collected) & dense  # no statistics for what stays dense
     assert set(errors) == {m.name for m in plan.modules if m.rank is not None}
     for name in dense:  # untouched: still the dense module, with the very same weight
         module = model.get_submodule(name)
@@ -305,3 +316,32 @@ def test_sequential_leaves_dense_targets_and_all_dense_blocks_alone(tiny_llama, 
     factored = factored_modules(model)
     assert set(factored) == set(errors)
     assert all(factored[n].rank == plan.ranks[n] for n in factored)
+
+
+def test_block_checkpointing_keeps_attention_instead_of_recomputing_it(tiny_llama, text_file):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from compressor.sensitivity import _attention_ops
+
+    kept = _attention_ops()
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.attention = self.mm = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.attention += func in kept
+            self.mm += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+            return func(*args, **(kwargs or {}))
+
+    model = _fresh(tiny_llama)
+    targets = select_targets(model)
+    batches = _calibration(tiny_llama, text_file, samples=1, seq_len=16).batches(1)
+    counts = {}
+    for recompute in (False, True):
+        with Count() as count:
+            output_fisher(model, targets, batches, recompute=recompute)
+        counts[recompute] = count
+    assert counts[False].attention == counts[True].attention == tiny_llama.model.config.num_hidden_layers  # one forward each
+    assert counts[True].mm > counts[False].mm  # the rest of each block is recomputed

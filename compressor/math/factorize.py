@@ -135,7 +135,9 @@ def _from_left_gram(left: torch.Tensor, scale: torch.Tensor | None, values_only:
     if values_only:
         return Decomposition(_empty(left.shape[0]), _descending_root(torch.linalg.eigvalsh(left)), True, scale=scale)
     eigvals, u = torch.linalg.eigh(left)
-    return Decomposition(u.flip(1)[:, :keep], _descending_root(eigvals), whitened=True, scale=scale)
+    if keep is not None:
+        u = u[:, u.shape[1] - keep :]  # the leading ones, ascending; flip copies just these
+    return Decomposition(u.flip(1), _descending_root(eigvals), whitened=True, scale=scale)
 
 
 def truncated_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,13 +21,13 @@ def sample_top_p(logits: torch.Tensor, top_p: float, generator: torch.Generator 
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     probs = torch.softmax(logits.float(), dim=-1)
     rows, vocab = probs.shape
-    uniform = torch.rand(rows, 1, generator=generator, dtype=probs.dtype)
-    choice = torch.empty(rows, dtype=torch.long)
-    pending = torch.arange(rows)
+    uniform = torch.rand(rows, 1, generator=generator, dtype=probs.dtype).to(probs.device)
+    choice = torch.empty(rows, dtype=torch.long, device=probs.device)
+    pending = torch.arange(rows, device=probs.device)
     for k in (*[c for c in CANDIDATES if c < vocab], vocab):
         candidates = probs[pending]
         ranked, index = candidates.topk(k, dim=-1) if k < vocab else candidates.sort(dim=-1, descending=True)
-        done = ranked.sum(-1) >= top_p if k < vocab else torch.ones(len(pending), dtype=torch.bool)
+        done = ranked.sum(-1) >= top_p if k < vocab else torch.ones(len(pending), dtype=torch.bool, device=probs.device)
         choice[pending[done]] = _draw(ranked[done], index[done], top_p, uniform[pending[done]])
         pending = pending[~done]
         if not len(pending):
