@@ -1,6 +1,6 @@
 """Where the memory of `compress factorize` goes: resident and peak memory at each phase.
 
-    python benchmarks/factorize_memory.py [--target 0.8] [--one-shot] [--trim [blocks]]
+    python benchmarks/factorize_memory.py [--target 0.8] [--extra=--one-shot] [--trim [blocks]]
 
 Runs the real CLI in this process with probes around its phases (load, calibration,
 output-Fisher pass, pass 1, sequential pass, writing): at each phase's start and end it
@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from factorize_run import add_run_arguments, factorize_argv
+
 START = time.perf_counter()
 
 
@@ -56,11 +57,7 @@ def probe(module, name: str, trim) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--target", default="0.8")
-    parser.add_argument("--calib", default=str(DATA / "wikitext2-valid.txt"))
-    parser.add_argument("--calib-samples", default="64")
-    parser.add_argument("--one-shot", action="store_true")
+    add_run_arguments(parser)
     parser.add_argument("--trim", nargs="?", const="phases", choices=["phases", "blocks"],
                         help="malloc_trim (glibc) after each phase, or also after each block of a pass")
     args = parser.parse_args()
@@ -98,9 +95,7 @@ def main() -> None:
     probe(factorize, "factor_targets", trim)
     probe(factored, "save_factored", trim)
     with tempfile.TemporaryDirectory(prefix="factorize-memory-") as out:
-        argv = ["factorize", args.model, "--target", args.target, "-o", str(Path(out) / "model"),
-                "--calib", args.calib, "--calib-samples", args.calib_samples] + (["--one-shot"] if args.one_shot else [])
-        code = cli.run(argv)
+        code = cli.run(factorize_argv(args, Path(out) / "model"))
     report("end")
     sys.exit(code)
 

@@ -1,6 +1,6 @@
 """End-to-end time and peak memory of `compress factorize` (load, calibrate, factor, save).
 
-    python benchmarks/factorize_speed.py [--target 0.8] [--calib-samples 64]
+    python benchmarks/factorize_speed.py [--target 0.8] [--calib-samples 64] [--extra=--one-shot]
 
 Runs the real CLI in a child process and reports its wall time and peak resident memory
 (from the kernel's rusage), next to the size of the float32 model's parameters.
@@ -18,22 +18,17 @@ import tempfile
 import time
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from factorize_run import add_run_arguments, factorize_argv
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--target", default="0.8")
-    parser.add_argument("--calib", default=str(DATA / "wikitext2-valid.txt"))
-    parser.add_argument("--calib-samples", default="64")
-    parser.add_argument("--extra", nargs="*", default=[], help="more factorize flags, e.g. --sequential")
+    add_run_arguments(parser)
     args = parser.parse_args()
     compress = Path(sys.executable).with_name("compress")
     out = Path(tempfile.mkdtemp(prefix="factorize-speed-"))
     report = out / "report.json"
-    command = [str(compress), "factorize", args.model, "--target", args.target, "-o", str(out / "model"),
-               "--calib", args.calib, "--calib-samples", args.calib_samples, "--json", str(report), *args.extra]
+    command = [str(compress), *factorize_argv(args, out / "model"), "--json", str(report)]
     print(" ".join(command), flush=True)
     start = time.perf_counter()
     subprocess.run(command, check=True)
