@@ -26,6 +26,7 @@ from compressor.math.factorize import Decomposition, svd_decomposition, whitened
 from compressor.pipeline import CALIBRATION_BATCH, iterate_blocks
 from compressor.precision import check_calib_dtype, resolve_calib_dtype
 from compressor.progress import track
+from compressor.residency import release
 from compressor.sensitivity import fisher_scale, layer_sensitivities, output_fisher
 from compressor.targets import Target
 
@@ -254,6 +255,7 @@ def factor_targets(
             d = decs[t.name]
             factors[t.name] = d.factors(t.weight(), rank, t.module.weight.dtype)
             errors[t.name] = d.discarded(rank)
+            release(t.module.parameters())
         apply_factors(model, factors)
 
     if not plan.options.sequential or calibration is None:
@@ -339,6 +341,7 @@ def factorize_model(
     if options.alloc == "welore" and whitened:
         plain = {t.name: torch.linalg.svdvals(t.weight().to("cpu", torch.float64)) for t in targets}
     plan = plan_ranks(options, targets, spectra, plain, fisher)
+    release(model.parameters())  # plain spectra and weights read outside the layer loop
     after = before - plan.params_before + plan.params_after
     if dry_run:
         return FactorizeOutcome(plan, before, after, time.perf_counter() - start)

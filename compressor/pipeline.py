@@ -3,7 +3,9 @@
 The first block's inputs are captured once (a pre-hook that stops the forward pass), then
 the blocks run one at a time on the cached inputs; each block's outputs become the next
 block's inputs. A caller may change a block between collecting its statistics and running
-it forward, which is what sequential mode does.
+it forward, which is what sequential mode does. Once the loop has moved past a block, the pages
+of its memory-mapped weights are released (:mod:`compressor.residency`): a pass holds one
+block's weights at a time, not the model's.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from compressor.attention import chunked_causal_attention
 from compressor.calibration.grams import GramCollector
 from compressor.precision import autocast_to
 from compressor.progress import track
+from compressor.residency import release
 from compressor.targets import Target, find_blocks
 
 
@@ -67,6 +70,7 @@ def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor]) -> list[
                 pass
     finally:
         handle.remove()
+    release(model.get_input_embeddings().parameters())
     return captured
 
 
@@ -139,6 +143,7 @@ def iterate_blocks(
             yield step
         if index < last:
             inputs = step.outputs()
+        release(blocks[index].parameters())  # read again, if at all, in the next pass
 
 
 @torch.inference_mode()

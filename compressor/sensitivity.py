@@ -21,6 +21,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from compressor.evaluate import next_token_nll
 from compressor.precision import autocast_to
 from compressor.progress import track
+from compressor.residency import release
 from compressor.targets import Target, find_blocks
 
 
@@ -81,8 +82,22 @@ def output_fisher(
     handles = []
     requires = {name: p.requires_grad for name, p in model.named_parameters()}
 
-    def hook_for(name: str):
+    _, blocks = find_blocks(model)
+    in_backward: list[int | None] = [None]  # the block the backward pass is in
+
+    def leaving(block: int | None) -> None:
+        # The backward pass runs the blocks last to first; once it reaches another block,
+        # the weights of the one it left are not read again in this window.
+        if block is not None and in_backward[0] not in (None, block):
+            release(blocks[in_backward[0]].parameters())
+        in_backward[0] = block
+
+    def release_after_forward(module, args, output) -> None:
+        release(module.parameters())  # read again when the backward pass recomputes the block
+
+    def hook_for(name: str, block: int | None):
         def accumulate(grad: torch.Tensor) -> None:
+            leaving(block)
             # float32 sums of one batch's squares, float64 across batches
             total = grad.detach().reshape(-1, grad.shape[-1]).float().square().sum(0).to("cpu", torch.float64)
             sums[name] = total if name not in sums else sums[name] + total
@@ -103,7 +118,9 @@ def output_fisher(
             p.requires_grad_(False)
         handles.append(model.get_input_embeddings().register_forward_hook(make_leaf))
         for t in targets:
-            handles.append(t.module.register_forward_hook(hook_for(t.name)))
+            handles.append(t.module.register_forward_hook(hook_for(t.name, t.block_index)))
+        for block in blocks:
+            handles.append(block.register_forward_hook(release_after_forward))
         device = next(model.parameters()).device
         recomputing = checkpointed_blocks(model) if recompute else contextlib.nullcontext()
         with recomputing:
@@ -118,6 +135,8 @@ def output_fisher(
                     del logits
                     loss.backward()
                 tokens += batch[:, 1:].numel()
+                leaving(None)
+                release(model.parameters())
     finally:
         for h in handles:
             h.remove()

@@ -1,0 +1,118 @@
+"""Hand back the memory of weights that are only read from a memory-mapped file.
+
+transformers loads a safetensors checkpoint without copying it: the parameters are views
+of the file, mapped into the process, and each page counts as resident memory from the
+first time it is read until the mapping goes away. A pass that reads the whole model once
+therefore ends up holding all of it, although it needs one block at a time. :func:`release`
+drops the pages behind tensors once a pass is done with them (``madvise(MADV_DONTNEED)``);
+the next read maps them again from the page cache, which costs microseconds per block.
+
+Dropping a page is harmless only when the kernel can bring the same bytes back: a page of
+a file, or of shared memory. A page that was written after mapping (a private copy), or any
+page of ordinary anonymous memory, would come back as zeros or as the file's old bytes,
+so every page in the range is checked in ``/proc/self/pagemap`` first and a range that
+holds one such page is left alone. Off Linux, or where pagemap cannot be read, nothing happens.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from collections.abc import Iterable
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+_MADV_DONTNEED = 4
+_PRESENT = np.uint64(1 << 63)
+_SWAPPED = np.uint64(1 << 62)
+_FILE_OR_SHARED = np.uint64(1 << 61)
+
+
+@lru_cache(maxsize=1)
+def _system(pid: int) -> tuple[int, int, object] | None:
+    """(page size, pagemap descriptor, libc madvise) or None where release cannot work.
+
+    Keyed by the process id: a forked child must read its own pagemap, not its parent's."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    madvise = libc.madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return os.sysconf("SC_PAGE_SIZE"), fd, madvise
+
+
+def _entries(fd: int, first: int, count: int) -> np.ndarray:
+    return np.frombuffer(os.pread(fd, 8 * count, 8 * first), dtype=np.uint64)
+
+
+def _only_file_pages(fd: int, first: int, count: int) -> bool:
+    entries = _entries(fd, first, count)
+    if entries.size != count:
+        return False
+    if bool((entries & _SWAPPED).any()):
+        return False
+    present = (entries & _PRESENT) != 0
+    return bool(((entries[present] & _FILE_OR_SHARED) != 0).all())
+
+
+def _ranges(tensors: Iterable[torch.Tensor]) -> list[tuple[int, int]]:
+    """The byte ranges of the tensors' storages on the CPU, merged where they touch."""
+    spans = sorted(
+        {
+            (s.data_ptr(), s.data_ptr() + s.nbytes())
+            for t in tensors
+            if t.device.type == "cpu" and (s := t.untyped_storage()).nbytes() > 0
+        }
+    )
+    merged: list[tuple[int, int]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def release(tensors: Iterable[torch.Tensor]) -> int:
+    """Drop the resident pages behind ``tensors`` where that loses nothing; returns the bytes dropped.
+
+    Only file-backed (or shared) pages are dropped, so the tensors keep their values: reading
+    them again brings the pages back. Pages at a range's edges may be shared with neighbouring
+    tensors of the same file; they come back the same way.
+    """
+    system = _system(os.getpid())
+    if system is None:
+        return 0
+    page, fd, madvise = system
+    dropped = 0
+    for start, end in _ranges(tensors):
+        first, last = start // page, (end + page - 1) // page
+        try:
+            if not _only_file_pages(fd, first, last - first):
+                continue
+        except OSError:
+            return dropped
+        if madvise(first * page, (last - first) * page, _MADV_DONTNEED) == 0:
+            dropped += (last - first) * page
+    return dropped
+
+
+def resident_bytes(tensors: Iterable[torch.Tensor]) -> int | None:
+    """How much of the pages behind ``tensors`` is resident now (None where pagemap cannot be read)."""
+    system = _system(os.getpid())
+    if system is None:
+        return None
+    page, fd, _ = system
+    total = 0
+    for start, end in _ranges(tensors):
+        first, last = start // page, (end + page - 1) // page
+        total += int(((_entries(fd, first, last - first) & _PRESENT) != 0).sum()) * page
+    return total
