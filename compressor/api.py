@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,9 +176,14 @@ def factorize(
     output: str | Path | None = None,
     overwrite: bool = False,
 ) -> FactorizeResult:
-    """Factor every target of ``model``; write the factored checkpoint to ``output`` unless None."""
+    """Factor every target of ``model``; write the factored checkpoint to ``output`` unless None.
+
+    While it runs, the factors made so far are kept in a hidden folder beside ``output`` (on its
+    disk) rather than in memory, and the model reads them from there; the folder is removed at the end.
+    """
     from compressor.factorize import factorize_model
-    from compressor.formats.factored import save_factored
+    from compressor.formats.atomic import check_destination
+    from compressor.residency import Spill
 
     start = time.perf_counter()
     options.validate()
@@ -187,25 +194,39 @@ def factorize(
         calibration = calibrate(
             loaded, calib, samples=calib_samples, seq_len=seq_len, seed=seed, calib_dtype=options.calib_dtype
         )
-    outcome = factorize_model(loaded.model, targets, options, calibration, dry_run=output is None)
-    info = calibration.info.to_dict() if calibration is not None else None
-    file_bytes = None
+    spill_folder: contextlib.AbstractContextManager = contextlib.nullcontext(None)
     if output is not None:
-        done = outcome.plan.options  # what ran, after any fallback
-        metadata = {
-            "method": done.method,
-            "alloc": done.alloc,
-            "sequential": done.sequential,
-            "calib_dtype": done.calib_dtype,
-            "target": options.target,
-            "kept_fraction": outcome.plan.kept_fraction,
-            "calibration": info,
-            "source": loaded.source,
-            "tool": f"compress {__version__}",
-        }
-        output = save_factored(loaded.model, loaded.tokenizer, Path(output), metadata, overwrite=overwrite)
-        file_bytes = folder_bytes(Path(output))
+        dest = check_destination(output, overwrite)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        spill_folder = tempfile.TemporaryDirectory(prefix=f".{dest.name}.spill-", dir=dest.parent, ignore_cleanup_errors=True)
+    with spill_folder as spill:
+        outcome = factorize_model(
+            loaded.model, targets, options, calibration, dry_run=output is None, spill=Spill(spill) if spill else None
+        )
+        file_bytes = None if output is None else _save_factorized(loaded, outcome, options, calibration, Path(output), overwrite)
+    info = calibration.info.to_dict() if calibration is not None else None
     return FactorizeResult(outcome, loaded.source, info, Path(output) if output else None, file_bytes, time.perf_counter() - start)
+
+
+def _save_factorized(
+    loaded: LoadedModel, outcome, options, calibration: CalibrationSet | None, output: Path, overwrite: bool
+) -> int:
+    """Write the factored checkpoint; returns its size in bytes."""
+    from compressor.formats.factored import save_factored
+
+    done = outcome.plan.options  # what ran, after any fallback
+    metadata = {
+        "method": done.method,
+        "alloc": done.alloc,
+        "sequential": done.sequential,
+        "calib_dtype": done.calib_dtype,
+        "target": options.target,
+        "kept_fraction": outcome.plan.kept_fraction,
+        "calibration": calibration.info.to_dict() if calibration is not None else None,
+        "source": loaded.source,
+        "tool": f"compress {__version__}",
+    }
+    return folder_bytes(save_factored(loaded.model, loaded.tokenizer, output, metadata, overwrite=overwrite))
 
 
 @dataclass

@@ -26,7 +26,7 @@ from compressor.math.factorize import Decomposition, svd_decomposition, whitened
 from compressor.pipeline import CALIBRATION_BATCH, iterate_blocks
 from compressor.precision import check_calib_dtype, resolve_calib_dtype
 from compressor.progress import track
-from compressor.residency import release
+from compressor.residency import Spill, release
 from compressor.sensitivity import fisher_scale, layer_sensitivities, output_fisher
 from compressor.targets import Target
 
@@ -238,9 +238,11 @@ def factor_targets(
     calibration: CalibrationSet | None,
     scales: Scales | None = None,
     compute_dtype: torch.dtype | None = None,
+    spill: Spill | None = None,
 ) -> dict[str, float]:
     """Swap each planned target for its factors. Returns the measured whitened error per module
-    when the decomposition is re-made in sequential mode, else the pass-1 predictions."""
+    when the decomposition is re-made in sequential mode, else the pass-1 predictions.
+    ``spill``: where the factors go once made, instead of staying in memory."""
     from compressor.formats.factored import apply_factors
 
     by_name = {m.name: m for m in plan.modules}
@@ -257,6 +259,11 @@ def factor_targets(
             errors[t.name] = d.discarded(rank)
             release(t.module.parameters())
         apply_factors(model, factors)
+        if spill is not None:
+            for name in factors:
+                module = model.get_submodule(name)
+                module.weight_a.data = spill.hold(module.weight_a)
+                module.weight_b.data = spill.hold(module.weight_b)
 
     if not plan.options.sequential or calibration is None:
         assert decompositions is not None
@@ -302,12 +309,14 @@ def factorize_model(
     dry_run: bool = False,
     decompositions: dict[str, Decomposition] | None = None,
     fisher: dict[str, torch.Tensor] | None = None,
+    spill: Spill | None = None,
 ) -> FactorizeOutcome:
     """Factor ``targets`` of ``model`` in place (unless ``dry_run``).
 
     ``decompositions`` from an earlier :func:`decompose_all` of the same weights, calibration
     and metric, and ``fisher`` from an earlier :func:`output_fisher`, may be passed to skip
-    that work (benchmarks reuse them across targets).
+    that work (benchmarks reuse them across targets). ``spill``: keep the factors in files
+    there rather than in memory (the model then reads them from those files).
     """
     options.validate()
     if options.needs_calibration and calibration is None:
@@ -348,7 +357,7 @@ def factorize_model(
     if sequential:
         if own_decompositions:
             decompositions.clear()
-        errors = factor_targets(model, targets, plan, None, calibration, scales, compute_dtype)
+        errors = factor_targets(model, targets, plan, None, calibration, scales, compute_dtype, spill)
     else:
-        errors = factor_targets(model, targets, plan, decompositions, None)
+        errors = factor_targets(model, targets, plan, decompositions, None, spill=spill)
     return FactorizeOutcome(plan, before, count_params(model), time.perf_counter() - start, errors)

@@ -21,6 +21,7 @@ import os
 import sys
 from collections.abc import Iterable
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -116,3 +117,30 @@ def resident_bytes(tensors: Iterable[torch.Tensor]) -> int | None:
         first, last = start // page, (end + page - 1) // page
         total += int(((_entries(fd, first, last - first) & _PRESENT) != 0).sum()) * page
     return total
+
+
+class Spill:
+    """Move tensors out of anonymous memory into files of ``folder``, mapped back in their place.
+
+    A factorization makes its factors one block at a time and holds them all until it writes the
+    checkpoint; spilled, they live in the page cache instead, read back when used and dropped
+    again by :func:`release`. Each tensor gets a file of its own (safetensors refuses tensors
+    that share a storage). The folder must be on a disk: on a RAM file system (tmpfs) spilling
+    only moves the memory elsewhere.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str]):
+        self.folder = Path(folder)
+        self._count = 0
+
+    def hold(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A file-backed CPU tensor equal to ``tensor`` (same dtype and shape)."""
+        source = tensor.detach().to("cpu").contiguous()
+        path = self.folder / f"{self._count:06d}.bin"
+        self._count += 1
+        with open(path, "wb") as f:
+            f.write(source.view(-1).view(torch.uint8).numpy().data)
+        if source.numel() == 0:
+            return source.clone()
+        mapped = torch.from_file(str(path), shared=False, size=source.numel(), dtype=source.dtype)
+        return mapped.view(source.shape)

@@ -111,6 +111,50 @@ def test_saved_checkpoint_loads_with_identical_logits(tiny_llama, text_file, tmp
     assert q["calibration"]["spec"] == str(text_file)
     assert q["ranks"] == {n: m.rank for n, m in factored_modules(reloaded).items()}
     assert config["architectures"] == ["LlamaForCausalLM"]
+    assert [p.name for p in tmp_path.iterdir()] == ["factored"]  # the spill folder is gone
+
+
+def test_factors_are_spilled_to_files_while_factorizing(tiny_llama, text_file, tmp_path):
+    from compressor.residency import release
+
+    loaded = load_model(str(tiny_llama.path))
+    seen = {}
+
+    def spy(model, *args, spill=None, **kwargs):
+        seen["folder"] = spill.folder
+        outcome = factorize_model(model, *args, spill=spill, **kwargs)
+        seen["files"] = sorted(p.name for p in spill.folder.iterdir())
+        return outcome
+
+    import compressor.factorize
+
+    original = compressor.factorize.factorize_model
+    compressor.factorize.factorize_model = spy
+    try:
+        api.factorize(loaded, FactorizeOptions(0.6), calib=str(text_file), calib_samples=6, seq_len=24, output=tmp_path / "out")
+    finally:
+        compressor.factorize.factorize_model = original
+    factored = factored_modules(loaded.model)
+    assert seen["folder"].parent == tmp_path and not seen["folder"].exists()
+    assert len(seen["files"]) == 2 * len(factored)
+    # Every factor is a view of its file: its pages can be dropped and come back unchanged.
+    for module in factored.values():
+        before = module.weight_a.clone()
+        assert release([module.weight_a]) > 0
+        torch.testing.assert_close(module.weight_a, before, rtol=0, atol=0)
+
+
+def test_spill_folder_removed_when_writing_fails(tiny_llama, text_file, tmp_path, monkeypatch):
+    import compressor.formats.factored as factored_format
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(factored_format, "save_factored", fail)
+    with pytest.raises(OSError):
+        api.factorize(load_model(str(tiny_llama.path)), FactorizeOptions(0.6), calib=str(text_file),
+                      calib_samples=6, seq_len=24, output=tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_factorize_verify_export(tiny_gpt2, text_file, small_text_file, tmp_path):

@@ -40,6 +40,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from compressor.errors import InvalidInputError, OutOfResourcesError
 from compressor.formats.atomic import atomic_dir
+from compressor.formats.writer import releasing_writer
 from compressor.loading import first_line as _first_line
 from compressor.kernels import lowrank_linear
 
@@ -488,7 +489,7 @@ def save_factored(
     out = Path(out_dir)
     try:
         with atomic_dir(out, overwrite=overwrite) as tmp:
-            with _described_as_factored(model, qconfig):
+            with _described_as_factored(model, qconfig), releasing_writer():
                 model.save_pretrained(tmp, max_shard_size=max_shard_size)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)

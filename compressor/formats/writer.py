@@ -1,0 +1,78 @@
+"""A safetensors file written one tensor at a time, each tensor's mapped pages released once written.
+
+safetensors' own writer reads every tensor of a shard while it writes; for weights that are
+views of memory-mapped files (the source checkpoint, spilled factors) that makes the whole
+model resident at the end of a run that otherwise held one block at a time. The format is
+an 8-byte little-endian header length, the JSON header (padded with spaces to a multiple
+of 8), then the tensors' bytes at the offsets the header gives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+
+from compressor.residency import release
+
+_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def save_file(tensors: Mapping[str, torch.Tensor], filename: str | os.PathLike[str], metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``tensors`` as a safetensors file (what ``safetensors.torch.save_file`` writes), reading
+    and releasing one tensor at a time. Largest alignment first, then by name, like safetensors."""
+    items = sorted(tensors.items(), key=lambda kv: (-kv[1].element_size(), kv[0]))
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, t in items:
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{name}: dtype {t.dtype} has no safetensors name")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    with open(filename, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for _, t in items:
+            data = t.detach().to("cpu").contiguous()
+            f.write(data.view(-1).view(torch.uint8).numpy().data)
+            release([t, data])
+
+
+@contextmanager
+def releasing_writer() -> Iterator[None]:
+    """Have transformers' ``save_pretrained`` write its shards with :func:`save_file`.
+
+    Only the name transformers calls is swapped, for the duration; if a release of transformers
+    stops calling it, saving still works, with safetensors' own writer.
+    """
+    from transformers import modeling_utils
+
+    saved = getattr(modeling_utils, "safe_save_file", None)
+    if saved is None:
+        yield
+        return
+    modeling_utils.safe_save_file = save_file
+    try:
+        yield
+    finally:
+        modeling_utils.safe_save_file = saved
