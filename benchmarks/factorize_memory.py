@@ -4,7 +4,8 @@
 
 Runs the real CLI in this process with probes around its phases (load, calibration,
 output-Fisher pass, pass 1, sequential pass, writing): at each phase's start and end it
-prints the resident set (VmRSS) and the process's peak so far (ru_maxrss). ``--trim``
+prints the resident set (VmRSS), the run's peak so far and the peak since the phase began (VmHWM,
+reset at each phase's start). ``--trim``
 also returns freed heap memory to the system (glibc ``malloc_trim``) after each phase
 (``--trim blocks``: after every block of a pass too), to tell memory still in use from
 memory the allocator keeps.
@@ -37,8 +38,29 @@ def peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
+def phase_peak_gb() -> float:
+    """The resident set's high-water mark since the last reset_phase_peak() (VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024**2
+    return float("nan")
+
+
+def reset_phase_peak() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+    except OSError:
+        pass
+
+
+_highest = [0.0]  # resetting VmHWM also resets ru_maxrss, so the run's peak is kept here
+
+
 def report(label: str) -> None:
-    print(f"[{time.perf_counter() - START:6.1f} s] {label:<28} resident {resident_gb():.2f} GB, peak {peak_gb():.2f} GB", flush=True)
+    phase = phase_peak_gb()
+    _highest[0] = max(_highest[0], phase, peak_gb())
+    print(f"[{time.perf_counter() - START:6.1f} s] {label:<28} resident {resident_gb():.2f} GB, "
+          f"peak {_highest[0]:.2f} GB, peak in phase {phase:.2f} GB", flush=True)
 
 
 def probe(module, name: str, trim) -> None:
@@ -47,6 +69,7 @@ def probe(module, name: str, trim) -> None:
     @functools.wraps(inner)
     def wrapper(*args, **kwargs):
         report(f"> {name}")
+        reset_phase_peak()
         result = inner(*args, **kwargs)
         trim()
         report(f"< {name}")

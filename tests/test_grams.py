@@ -121,9 +121,9 @@ def test_gram_add_accumulates(dim):
     gram = Gram(modules=["m"], dim=dim)
     torch.testing.assert_close(gram.matrix, torch.zeros(dim, dim, dtype=torch.float64))
     gram.add(x1)
-    first = gram.matrix
-    gram.add(x2)
-    assert gram.matrix is not first  # rebuilt after more rows
+    rows1 = x1.reshape(-1, dim).double()
+    _assert_gram_close(gram.matrix, rows1.T @ rows1)
+    gram.add(x2)  # after the matrix was built: it must be rebuilt, lower blocks included
     x = torch.cat([x1.reshape(-1, dim), x2.float()]).double()
     assert gram.tokens == 25
     _assert_gram_close(gram.matrix, x.T @ x)
