@@ -4,8 +4,8 @@ The first block's inputs are captured once (a pre-hook that stops the forward pa
 the blocks run one at a time on the cached inputs; each block's outputs become the next
 block's inputs. A caller may change a block between collecting its statistics and running
 it forward, which is what sequential mode does. Once the loop has moved past a block, the pages
-of its memory-mapped weights are released (:mod:`compressor.residency`): a pass holds one
-block's weights at a time, not the model's.
+of its memory-mapped weights are released and the heap's free pages returned
+(:mod:`compressor.residency`): a pass holds one block's weights and working set at a time.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from compressor.attention import chunked_causal_attention
 from compressor.calibration.grams import GramCollector
 from compressor.precision import autocast_to
 from compressor.progress import track
-from compressor.residency import release
+from compressor.residency import release, return_free_heap
 from compressor.targets import Target, find_blocks
 
 
@@ -144,6 +144,7 @@ def iterate_blocks(
         if index < last:
             inputs = step.outputs()
         release(blocks[index].parameters())  # read again, if at all, in the next pass
+        return_free_heap()
 
 
 @torch.inference_mode()

@@ -106,6 +106,26 @@ def release(tensors: Iterable[torch.Tensor]) -> int:
     return dropped
 
 
+@lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+
+
+def return_free_heap() -> None:
+    """Give the heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Memory a block step frees stays with the allocator, scattered between live blocks, and a
+    pass ends up holding the high-water mark of every step before it; returned after each
+    block, the next block faults in what it needs afresh (~2 % of a factorize run's time).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def resident_bytes(tensors: Iterable[torch.Tensor]) -> int | None:
     """How much of the pages behind ``tensors`` is resident now (None where pagemap cannot be read)."""
     system = _system(os.getpid())
