@@ -15,13 +15,14 @@ from collections.abc import Iterator
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from compressor.evaluate import next_token_nll
 from compressor.precision import autocast_to
 from compressor.progress import track
-from compressor.residency import release
+from compressor.residency import release, return_free_heap
 from compressor.targets import Target, find_blocks
 
 
@@ -65,6 +66,57 @@ def checkpointed_blocks(model: nn.Module) -> Iterator[None]:
                 block.forward = original
 
 
+HEAD_CHUNK = 128  # positions per slice of the language-model head in the Fisher pass
+
+
+def split_head(model: nn.Module, probe: torch.Tensor, compute_dtype: torch.dtype | None = None) -> tuple[nn.Module, nn.Module] | None:
+    """(decoder, head) when the model's logits are its output embedding applied to its decoder's last
+    hidden state, as checked on the first tokens of ``probe``; None otherwise (logit scaling or
+    soft-capping after the head, no separable decoder): the loss is then taken on whole logits."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, ValueError, NotImplementedError):
+        return None
+    if not isinstance(head, nn.Linear) or decoder is None or decoder is model:
+        return None
+    ids = probe[:1, :16].to(next(model.parameters()).device)
+    try:
+        with torch.no_grad(), autocast_to(model, compute_dtype):
+            want = model(input_ids=ids, use_cache=False).logits
+            got = head(decoder(input_ids=ids, use_cache=False).last_hidden_state)
+    except (AttributeError, TypeError):
+        return None
+    release(model.parameters())  # what the probe read
+    if got.shape != want.shape or not torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-3):
+        return None
+    return decoder, head
+
+
+def _backward_in_head_slices(decoder: nn.Module, head: nn.Linear, batch: torch.Tensor, compute_dtype: torch.dtype | None) -> None:
+    """The next-token NLL's backward pass, the head applied HEAD_CHUNK positions at a time: the
+    logits of a window ([seq, vocab], 50 MB for SmolLM2 in bfloat16) and the loss's temporaries
+    of their size never exist at once. The head's weight is cast once per window (what autocast
+    would do on every call) and its float32 pages released meanwhile."""
+    with autocast_to(decoder, compute_dtype):
+        hidden = decoder(input_ids=batch, use_cache=False).last_hidden_state
+    dtype = compute_dtype or head.weight.dtype
+    weight = head.weight.to(dtype)
+    bias = None if head.bias is None else head.bias.to(dtype)
+    if weight is not head.weight:
+        release(head.parameters())
+    h = hidden.detach().requires_grad_()
+    n = batch.shape[1] - 1
+    for s in range(0, n, HEAD_CHUNK):
+        e = min(s + HEAD_CHUNK, n)
+        # 2-D: a 3-D slice makes F.linear broadcast the weight into a batched product (and copy it)
+        logits = F.linear(h[:, s:e].reshape(-1, h.shape[-1]).to(dtype), weight, bias)
+        # in the logits' own dtype, as next_token_nll takes it
+        nll = F.cross_entropy(logits, batch[:, s + 1 : e + 1].reshape(-1), reduction="sum")
+        nll.backward()
+    hidden.backward(h.grad)
+
+
 def output_fisher(
     model: nn.Module,
     targets: list[Target],
@@ -76,6 +128,7 @@ def output_fisher(
 
     ``compute_dtype``: autocast the passes to it (bfloat16 is 3x faster on CPUs that have it
     and changes the estimate by well under 1 %); ``recompute``: checkpoint the blocks to save memory.
+    Where :func:`split_head` allows, the loss is taken in slices of positions.
     """
     sums: dict[str, torch.Tensor] = {}
     tokens = 0
@@ -121,22 +174,27 @@ def output_fisher(
             handles.append(t.module.register_forward_hook(hook_for(t.name, t.block_index)))
         for block in blocks:
             handles.append(block.register_forward_hook(release_after_forward))
+        split = split_head(model, batches[0], compute_dtype) if batches else None  # its forward releases too
         device = next(model.parameters()).device
         recomputing = checkpointed_blocks(model) if recompute else contextlib.nullcontext()
         with recomputing:
             for batch in track(batches, description="output sensitivities"):
                 batch = batch.to(device)
                 with torch.enable_grad():
-                    with autocast_to(model, compute_dtype):
-                        logits = model(input_ids=batch, use_cache=False).logits
-                    # in the logits' own dtype: under autocast they already are bfloat16, and a float32
-                    # copy would double the time for digits the logits no longer hold
-                    loss = next_token_nll(logits, batch)
-                    del logits
-                    loss.backward()
+                    if split is not None:
+                        _backward_in_head_slices(*split, batch, compute_dtype)
+                    else:
+                        with autocast_to(model, compute_dtype):
+                            logits = model(input_ids=batch, use_cache=False).logits
+                        # in the logits' own dtype: under autocast they already are bfloat16, and a float32
+                        # copy would double the time for digits the logits no longer hold
+                        loss = next_token_nll(logits, batch)
+                        del logits
+                        loss.backward()
                 tokens += batch[:, 1:].numel()
                 leaving(None)
                 release(model.parameters())
+                return_free_heap()
     finally:
         for h in handles:
             h.remove()
