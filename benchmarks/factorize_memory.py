@@ -27,11 +27,15 @@ from factorize_run import add_run_arguments, factorize_argv
 START = time.perf_counter()
 
 
-def resident_gb() -> float:
+def _status_gb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024**2
     return float("nan")
+
+
+def resident_gb() -> float:
+    return _status_gb("VmRSS")
 
 
 def peak_gb() -> float:
@@ -59,7 +63,8 @@ _highest = [0.0]  # resetting VmHWM also resets ru_maxrss, so the run's peak is 
 def report(label: str) -> None:
     phase = phase_peak_gb()
     _highest[0] = max(_highest[0], phase, peak_gb())
-    print(f"[{time.perf_counter() - START:6.1f} s] {label:<28} resident {resident_gb():.2f} GB, "
+    print(f"[{time.perf_counter() - START:6.1f} s] {label:<28} resident {resident_gb():.2f} GB "
+          f"(anonymous {_status_gb('RssAnon'):.2f}, files {_status_gb('RssFile'):.2f}), "
           f"peak {_highest[0]:.2f} GB, peak in phase {phase:.2f} GB", flush=True)
 
 

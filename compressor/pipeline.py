@@ -88,32 +88,39 @@ class BlockStep:
     targets: list[Target]
     inputs: list[BlockInput]
     compute_dtype: torch.dtype | None = None
-    _outputs: list[BlockInput] | None = None
+    _advanced: bool = False  # ``inputs`` now holds the next block's inputs
 
     def _run(self, inp: BlockInput):
         with autocast_to(self.block, self.compute_dtype), chunked_causal_attention():
             return self.block(*inp.args, **inp.kwargs)
+
+    def _check_not_advanced(self) -> None:
+        if self._advanced:
+            raise RuntimeError(f"block {self.index} has already produced the next block's inputs")
 
     @torch.inference_mode()
     def collect_grams(self, block_final: bool = False, only: list[Target] | None = None) -> dict[str, "Gram"]:  # noqa: F821
         """The targets' input Grams (``only``: of these targets alone). ``block_final``: the caller
         will not change the block, so the outputs of this very pass become the next block's inputs
         (one forward instead of two)."""
-        outputs = []
+        self._check_not_advanced()
         with GramCollector({t.name: t.module for t in (self.targets if only is None else only)}) as collector:
-            for inp in self.inputs:
+            for i, inp in enumerate(self.inputs):
                 out = self._run(inp)
                 if block_final:
-                    outputs.append(_next_input(inp, out))
-        if block_final:
-            self._outputs = outputs
+                    self.inputs[i] = _next_input(inp, out)
+        self._advanced = block_final
         return collector.grams
 
     @torch.inference_mode()
     def outputs(self) -> list[BlockInput]:
-        if self._outputs is not None:
-            return self._outputs
-        return [_next_input(inp, self._run(inp)) for inp in self.inputs]
+        """The next block's inputs, each batch made in place of this block's input for it: one
+        set of the calibration set's hidden states is alive at a time, not two."""
+        if not self._advanced:
+            for i, inp in enumerate(self.inputs):
+                self.inputs[i] = _next_input(inp, self._run(inp))
+            self._advanced = True
+        return self.inputs
 
 
 def iterate_blocks(

@@ -197,3 +197,12 @@ def test_whitened_energy_is_output_energy(tiny_llama):
         got = float((r.whitened.singular_values**2).sum())
         assert got == pytest.approx(expected, rel=1e-5)
         assert r.calibration_tokens == x.shape[0]
+
+
+def test_a_step_that_made_the_next_inputs_refuses_to_run_again(tiny_llama):
+    model = tiny_llama.model
+    batches = _batches(n_batches=2, batch=2, length=12, seed=3)
+    step = next(iterate_blocks(model, batches, select_targets(model)))
+    step.collect_grams(block_final=True)  # its inputs are now the next block's
+    with pytest.raises(RuntimeError, match="already produced"):
+        step.collect_grams()
