@@ -53,7 +53,8 @@ class Gram:
 
         On the CPU this is the accumulator itself, its lower blocks filled in from the upper ones
         in place: no second dim×dim matrix and no temporaries of that size (the three of them took
-        ~75 MB at a time for a 1536-wide input). Adding rows later updates it in place.
+        ~75 MB at a time for a 1536-wide input). So: never modify it, and read it again after
+        adding rows (a matrix read before is then out of date, and no longer symmetric).
         """
         if self._matrix is not None:
             return self._matrix

@@ -11,7 +11,10 @@ Dropping a page is harmless only when the kernel can bring the same bytes back: 
 a file, or of shared memory. A page that was written after mapping (a private copy), or any
 page of ordinary anonymous memory, would come back as zeros or as the file's old bytes,
 so every page in the range is checked in ``/proc/self/pagemap`` first and a range that
-holds one such page is left alone. Off Linux, or where pagemap cannot be read, nothing happens.
+holds one such page is left alone. Off Linux, or where pagemap cannot be read or does not tell
+anonymous pages from file pages (checked on a page of our own), nothing happens. The check and
+the release are not atomic: no other thread may write the tensors meanwhile (weights are only
+read while a model is compressed).
 """
 
 from __future__ import annotations
@@ -32,22 +35,38 @@ _SWAPPED = np.uint64(1 << 62)
 _FILE_OR_SHARED = np.uint64(1 << 61)
 
 
+_opened: dict[int, int] = {}  # pid -> pagemap descriptor
+
+
 @lru_cache(maxsize=1)
 def _system(pid: int) -> tuple[int, int, object] | None:
     """(page size, pagemap descriptor, libc madvise) or None where release cannot work.
 
     Keyed by the process id: a forked child must read its own pagemap, not its parent's."""
+    for old in [p for p in _opened if p != pid]:
+        os.close(_opened.pop(old))
     if not sys.platform.startswith("linux"):
         return None
     try:
         fd = os.open("/proc/self/pagemap", os.O_RDONLY)
-        libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
+        return None
+    _opened[pid] = fd
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        page = os.sysconf("SC_PAGE_SIZE")
+        # Fail closed: a pagemap that does not show a page we just wrote as present and
+        # anonymous (a restricted or emulated /proc) cannot vouch for any other page.
+        probe = torch.ones(3 * page // 4, dtype=torch.float32)  # three pages of bytes
+        entries = _entries(fd, probe.data_ptr() // page, 2)
+        if entries.size != 2 or not bool((entries & _PRESENT).all()) or bool((entries & _FILE_OR_SHARED).any()):
+            return None
+    except (OSError, AttributeError):
         return None
     madvise = libc.madvise
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     madvise.restype = ctypes.c_int
-    return os.sysconf("SC_PAGE_SIZE"), fd, madvise
+    return page, fd, madvise
 
 
 def _entries(fd: int, first: int, count: int) -> np.ndarray:
@@ -66,13 +85,17 @@ def _only_file_pages(fd: int, first: int, count: int) -> bool:
 
 def _ranges(tensors: Iterable[torch.Tensor]) -> list[tuple[int, int]]:
     """The byte ranges of the tensors' storages on the CPU, merged where they touch."""
-    spans = sorted(
-        {
-            (s.data_ptr(), s.data_ptr() + s.nbytes())
-            for t in tensors
-            if t.device.type == "cpu" and (s := t.untyped_storage()).nbytes() > 0
-        }
-    )
+    found = set()
+    for t in tensors:
+        if t.device.type != "cpu":
+            continue
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError, TypeError):  # sparse tensors, tensor subclasses
+            continue
+        if storage.nbytes() > 0:
+            found.add((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
+    spans = sorted(found)
     merged: list[tuple[int, int]] = []
     for start, end in spans:
         if merged and start <= merged[-1][1]:
@@ -83,7 +106,8 @@ def _ranges(tensors: Iterable[torch.Tensor]) -> list[tuple[int, int]]:
 
 
 def release(tensors: Iterable[torch.Tensor]) -> int:
-    """Drop the resident pages behind ``tensors`` where that loses nothing; returns the bytes dropped.
+    """Drop the resident pages behind ``tensors`` where that loses nothing; returns the bytes of the
+    ranges given back (resident or not).
 
     Only file-backed (or shared) pages are dropped, so the tensors keep their values: reading
     them again brings the pages back. Pages at a range's edges may be shared with neighbouring
@@ -154,8 +178,11 @@ class Spill:
         self._count = 0
 
     def hold(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A file-backed CPU tensor equal to ``tensor`` (same dtype and shape)."""
-        source = tensor.detach().to("cpu").contiguous()
+        """A file-backed tensor equal to ``tensor`` (same dtype and shape); a tensor on an accelerator
+        is returned as it is (its memory is not the host's)."""
+        if tensor.device.type != "cpu":
+            return tensor
+        source = tensor.detach().contiguous()
         path = self.folder / f"{self._count:06d}.bin"
         self._count += 1
         with open(path, "wb") as f:

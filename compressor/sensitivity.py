@@ -85,10 +85,13 @@ def split_head(model: nn.Module, probe: torch.Tensor, compute_dtype: torch.dtype
         with torch.no_grad(), autocast_to(model, compute_dtype):
             want = model(input_ids=ids, use_cache=False).logits
             got = head(decoder(input_ids=ids, use_cache=False).last_hidden_state)
-    except (AttributeError, TypeError):
+    except Exception:  # noqa: BLE001 - any failure only means: take the loss on whole logits
         return None
-    release(model.parameters())  # what the probe read
-    if got.shape != want.shape or not torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-3):
+    finally:
+        release(model.parameters())  # what the probe read
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return None
+    if not torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-3):
         return None
     return decoder, head
 
@@ -175,6 +178,8 @@ def output_fisher(
         for block in blocks:
             handles.append(block.register_forward_hook(release_after_forward))
         split = split_head(model, batches[0], compute_dtype) if batches else None  # its forward releases too
+        if split is not None and any(t.module is split[1] for t in targets):
+            split = None  # the head is a target: its own forward must run, for its output hook
         device = next(model.parameters()).device
         recomputing = checkpointed_blocks(model) if recompute else contextlib.nullcontext()
         with recomputing:

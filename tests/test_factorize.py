@@ -432,3 +432,18 @@ def test_logits_changed_after_the_head_keep_the_whole_logits_loss(tiny_llama, te
     handle.remove()
     expected = captured["y"].grad.double().pow(2).reshape(-1, target.shape[0]).sum(0) / batch[:, 1:].numel()
     torch.testing.assert_close(got[target.name], expected, rtol=1e-4, atol=1e-12)
+
+
+def test_a_head_that_is_a_target_gets_its_fisher_from_whole_logits(tiny_llama, text_file, monkeypatch):
+    import compressor.sensitivity as sensitivity
+
+    model = _fresh(tiny_llama)
+    targets = select_targets(model, include=["lm_head", "*.layers.0.mlp.*"])
+    assert any(t.name == "lm_head" for t in targets)
+    batches = _calibration(tiny_llama, text_file, samples=2, seq_len=16).batches(1)
+    got = output_fisher(model, targets, batches)
+    monkeypatch.setattr(sensitivity, "split_head", lambda *a, **k: None)
+    whole = output_fisher(model, targets, batches)
+    assert float(got["lm_head"].sum()) > 0
+    for t in targets:
+        torch.testing.assert_close(got[t.name], whole[t.name], rtol=1e-5, atol=1e-12)

@@ -59,27 +59,60 @@ def test_a_written_page_keeps_the_whole_range_resident(tmp_path):
     np.testing.assert_array_equal(t.numpy()[:4096], values[:4096])
 
 
-def test_layer_loop_holds_no_block_after_a_pass_and_the_model_is_unchanged(tiny_llama, text_file):
+def _spy_releases(monkeypatch, module) -> list[set[int]]:
+    """Record, per call of ``module.release``, the storages it was given (then really release)."""
+    calls: list[set[int]] = []
+
+    def spy(tensors):
+        tensors = list(tensors)
+        calls.append({t.untyped_storage().data_ptr() for t in tensors})
+        return release(tensors)
+
+    monkeypatch.setattr(module, "release", spy)
+    return calls
+
+
+def _storages(module: torch.nn.Module) -> set[int]:
+    return {p.untyped_storage().data_ptr() for p in module.parameters()}
+
+
+def test_layer_loop_releases_each_block_behind_it_and_the_model_is_unchanged(tiny_llama, monkeypatch):
+    import compressor.pipeline as pipeline
+
     model = load_model(str(tiny_llama.path)).model
     _, blocks = find_blocks(model)
     ids = torch.randint(0, 300, (2, 16))
     with torch.inference_mode():
         before = model(ids).logits
-    sizes = [sum(p.nbytes for p in b.parameters()) for b in blocks]
-    assert all(resident_bytes(b.parameters()) >= size for b, size in zip(blocks, sizes)), "expected memory-mapped weights"
+    assert all(resident_bytes(b.parameters()) > 0 for b in blocks), "expected memory-mapped weights"
+    calls = _spy_releases(monkeypatch, pipeline)
+    seen = []
     for step in iterate_blocks(model, [ids], select_targets(model)):
+        seen.append(len(calls))  # releases made before this block's step
         step.collect_grams(block_final=True)
-    # Reading a mapped page also maps its cached neighbours (the kernel's fault-around, up to
-    # 64 KiB), so the start of the next block may bring back the end of the one released before it.
-    fault_around = 64 * 1024 + 2 * 4096
-    assert all(size > fault_around for size in sizes)
-    assert all(resident_bytes(b.parameters()) <= fault_around for b in blocks)
+    released = [i for i, b in enumerate(blocks) if any(_storages(b) <= c for c in calls)]
+    assert released == list(range(len(blocks)))
+    assert not any(_storages(blocks[1]) <= c for c in calls[: seen[1]])  # not before its own step
+    # Memory-mapped pages come back when read (the kernel may also map neighbours of a read
+    # page, so how many stay resident is not asserted here; test_file_pages_* checks that).
     with torch.inference_mode():
         torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
 
 
-def test_fisher_pass_ends_holding_no_block(tiny_llama):
+def test_fisher_pass_releases_every_block(tiny_llama, monkeypatch):
+    import compressor.sensitivity as sensitivity
+
     model = load_model(str(tiny_llama.path)).model
     _, blocks = find_blocks(model)
+    calls = _spy_releases(monkeypatch, sensitivity)
     output_fisher(model, select_targets(model), [torch.randint(0, 300, (1, 16)) for _ in range(2)])
-    assert all(resident_bytes(b.parameters()) <= 64 * 1024 + 2 * 4096 for b in blocks)
+    for b in blocks:  # after each forward and once the backward has left it (or at the window's end)
+        assert sum(_storages(b) <= c for c in calls) >= 2 * 2
+
+
+def test_spill_leaves_tensors_off_the_host_alone(tmp_path):
+    from compressor.residency import Spill
+
+    t = torch.empty(3, 4, device="meta")
+    assert Spill(tmp_path).hold(t) is t
+    assert list(tmp_path.iterdir()) == []

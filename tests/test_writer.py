@@ -6,7 +6,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from safetensors.torch import save_file as reference_save
 
 from compressor.formats.writer import releasing_writer, save_file
 from compressor.residency import Spill, resident_bytes
@@ -35,11 +34,19 @@ def test_reads_back_equal_with_metadata(tmp_path):
         assert f.metadata() == {"format": "pt"}
 
 
-def test_same_bytes_as_safetensors(tmp_path):
-    tensors = {k: v.contiguous() for k, v in _tensors().items()}
-    save_file(tensors, tmp_path / "ours.safetensors", {"format": "pt"})
-    reference_save(tensors, tmp_path / "ref.safetensors", {"format": "pt"})
-    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+def test_safetensors_reads_names_and_dtypes_of_one_width_mixed(tmp_path):
+    tensors = {"ü.weight": torch.arange(6, dtype=torch.int32), "f": torch.randn(3), "h": torch.randn(2).half(),
+               "b": torch.randn(2).bfloat16(), "u": torch.arange(3, dtype=torch.uint8), "i": torch.arange(3, dtype=torch.int8)}
+    save_file(tensors, tmp_path / "x.safetensors", {})
+    got = load_file(tmp_path / "x.safetensors")
+    assert all(got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in tensors.items())
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
+        assert set(f.keys()) == set(tensors)
+
+
+def test_metadata_must_be_strings(tmp_path):
+    with pytest.raises(ValueError, match="strings"):
+        save_file({"a": torch.zeros(1)}, tmp_path / "x.safetensors", {"format": 1})
 
 
 def test_mapped_tensors_are_released_after_writing(tmp_path):
@@ -79,3 +86,14 @@ def test_transformers_writes_through_it_only_inside_the_context(tiny_llama, tmp_
     reloaded = load_file(tmp_path / "out" / "model.safetensors")
     for name, p in model.state_dict().items():
         torch.testing.assert_close(reloaded[name], p, rtol=0, atol=0)
+
+
+def test_transformers_writer_restored_after_an_error(tiny_llama, tmp_path):
+    from transformers import modeling_utils
+
+    original = modeling_utils.safe_save_file
+    with pytest.raises(RuntimeError, match="boom"):
+        with releasing_writer():
+            assert modeling_utils.safe_save_file is save_file
+            raise RuntimeError("boom")
+    assert modeling_utils.safe_save_file is original

@@ -32,14 +32,21 @@ _DTYPES = {
     torch.bool: "BOOL",
     torch.float8_e4m3fn: "F8_E4M3",
     torch.float8_e5m2: "F8_E5M2",
+    **{getattr(torch, name): code for name, code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"),
+                                                     ("float8_e8m0fnu", "F8_E8M0")) if hasattr(torch, name)},
 }
 
 
 def save_file(tensors: Mapping[str, torch.Tensor], filename: str | os.PathLike[str], metadata: Mapping[str, str] | None = None) -> None:
-    """Write ``tensors`` as a safetensors file (what ``safetensors.torch.save_file`` writes), reading
-    and releasing one tensor at a time. Largest alignment first, then by name, like safetensors."""
+    """Write ``tensors`` as a safetensors file, reading and releasing one tensor at a time.
+
+    Any safetensors reader loads it; the layout is not byte for byte safetensors' own (its order of
+    tensors differs where dtypes of one width mix). Widest elements first, then by name, so that
+    every tensor starts aligned to its element size."""
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError("safetensors metadata must map strings to strings")
     items = sorted(tensors.items(), key=lambda kv: (-kv[1].element_size(), kv[0]))
-    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata is not None else {}
     offset = 0
     for name, t in items:
         if t.dtype not in _DTYPES:
@@ -47,7 +54,7 @@ def save_file(tensors: Mapping[str, torch.Tensor], filename: str | os.PathLike[s
         size = t.numel() * t.element_size()
         header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
         offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     blob += b" " * (-len(blob) % 8)
     with open(filename, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
