@@ -179,7 +179,10 @@ def factorize(
     """Factor every target of ``model``; write the factored checkpoint to ``output`` unless None.
 
     While it runs, the factors made so far are kept in a hidden folder beside ``output`` (on its
-    disk) rather than in memory, and the model reads them from there; the folder is removed at the end.
+    disk) rather than in memory, and the model reads them from there. The folder is removed at the
+    end; on Linux and macOS the model's factors stay readable (the files are gone from the folder,
+    not from the disk, until the model is freed), so a caller who keeps using the model should
+    reload ``output`` instead (``compressor.load``) where that disk space matters.
     """
     from compressor.factorize import factorize_model
     from compressor.formats.atomic import check_destination
