@@ -43,9 +43,14 @@ class Gram:
         if self._upper is None:
             with torch.inference_mode(False):  # a normal tensor, so that `matrix` may fill it in place
                 self._upper = torch.zeros(self.dim, self.dim, dtype=torch.float64)
-        step = math.ceil(self.dim / GRAM_BLOCKS)
+        step = self._block_width
         for i in range(0, self.dim, step):
             self._upper[i : i + step, i:] += rows[:, i : i + step].T @ rows[:, i:]
+
+    @property
+    def _block_width(self) -> int:
+        """Columns per block of the upper block triangle; `matrix` mirrors the same blocks."""
+        return math.ceil(self.dim / GRAM_BLOCKS)
 
     @property
     def matrix(self) -> torch.Tensor:
@@ -62,7 +67,7 @@ class Gram:
             total = torch.zeros(self.dim, self.dim, dtype=torch.float64)
         else:
             total = self._upper
-            step = math.ceil(self.dim / GRAM_BLOCKS)
+            step = self._block_width
             for i in range(0, self.dim, step):
                 total[i + step :, i : i + step] = total[i : i + step, i + step :].T
         if self._device_sum is not None:

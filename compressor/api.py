@@ -206,13 +206,13 @@ def factorize(
         outcome = factorize_model(
             loaded.model, targets, options, calibration, dry_run=output is None, spill=Spill(spill) if spill else None
         )
-        file_bytes = None if output is None else _save_factorized(loaded, outcome, options, calibration, Path(output), overwrite)
-    info = calibration.info.to_dict() if calibration is not None else None
+        info = calibration.info.to_dict() if calibration is not None else None
+        file_bytes = None if output is None else _save_factorized(loaded, outcome, options, info, Path(output), overwrite)
     return FactorizeResult(outcome, loaded.source, info, Path(output) if output else None, file_bytes, time.perf_counter() - start)
 
 
 def _save_factorized(
-    loaded: LoadedModel, outcome, options, calibration: CalibrationSet | None, output: Path, overwrite: bool
+    loaded: LoadedModel, outcome, options, calibration_info: dict | None, output: Path, overwrite: bool
 ) -> int:
     """Write the factored checkpoint; returns its size in bytes."""
     from compressor.formats.factored import save_factored
@@ -225,7 +225,7 @@ def _save_factorized(
         "calib_dtype": done.calib_dtype,
         "target": options.target,
         "kept_fraction": outcome.plan.kept_fraction,
-        "calibration": calibration.info.to_dict() if calibration is not None else None,
+        "calibration": calibration_info,
         "source": loaded.source,
         "tool": f"compress {__version__}",
     }

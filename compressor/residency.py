@@ -22,7 +22,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -105,6 +105,13 @@ def _ranges(tensors: Iterable[torch.Tensor]) -> list[tuple[int, int]]:
     return merged
 
 
+def _page_spans(tensors: Iterable[torch.Tensor], page: int) -> Iterator[tuple[int, int]]:
+    """(first page, number of pages) of each of :func:`_ranges`."""
+    for start, end in _ranges(tensors):
+        first = start // page
+        yield first, (end + page - 1) // page - first
+
+
 def release(tensors: Iterable[torch.Tensor]) -> int:
     """Drop the resident pages behind ``tensors`` where that loses nothing; returns the bytes of the
     ranges given back (resident or not).
@@ -118,15 +125,14 @@ def release(tensors: Iterable[torch.Tensor]) -> int:
         return 0
     page, fd, madvise = system
     dropped = 0
-    for start, end in _ranges(tensors):
-        first, last = start // page, (end + page - 1) // page
+    for first, count in _page_spans(tensors, page):
         try:
-            if not _only_file_pages(fd, first, last - first):
+            if not _only_file_pages(fd, first, count):
                 continue
         except OSError:
             return dropped
-        if madvise(first * page, (last - first) * page, _MADV_DONTNEED) == 0:
-            dropped += (last - first) * page
+        if madvise(first * page, count * page, _MADV_DONTNEED) == 0:
+            dropped += count * page
     return dropped
 
 
@@ -157,9 +163,8 @@ def resident_bytes(tensors: Iterable[torch.Tensor]) -> int | None:
         return None
     page, fd, _ = system
     total = 0
-    for start, end in _ranges(tensors):
-        first, last = start // page, (end + page - 1) // page
-        total += int(((_entries(fd, first, last - first) & _PRESENT) != 0).sum()) * page
+    for first, count in _page_spans(tensors, page):
+        total += int(((_entries(fd, first, count) & _PRESENT) != 0).sum()) * page
     return total
 
 
@@ -183,11 +188,11 @@ class Spill:
         if tensor.device.type != "cpu":
             return tensor
         source = tensor.detach().contiguous()
+        if source.numel() == 0:
+            return source.clone()
         path = self.folder / f"{self._count:06d}.bin"
         self._count += 1
         with open(path, "wb") as f:
             f.write(source.view(-1).view(torch.uint8).numpy().data)
-        if source.numel() == 0:
-            return source.clone()
         mapped = torch.from_file(str(path), shared=False, size=source.numel(), dtype=source.dtype)
         return mapped.view(source.shape)
