@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from compressor import __version__
 from compressor.errors import EXIT_INTERRUPTED, CompressError, InvalidInputError, OutOfResourcesError, UsageError
 from compressor.progress import reporting_to
+from compressor.residency import bound_kernel_caches
 
 try:  # typer ≥ 0.20 vendors click; older releases use the click package
     from typer._click import exceptions as click_exceptions
@@ -28,6 +29,7 @@ except ImportError:  # pragma: no cover
 
 T = TypeVar("T")
 EXIT_INTERNAL = 70
+bound_kernel_caches()
 
 app = typer.Typer(
     name="compress",

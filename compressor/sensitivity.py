@@ -96,6 +96,23 @@ def split_head(model: nn.Module, probe: torch.Tensor, compute_dtype: torch.dtype
     return decoder, head
 
 
+CAST_ROWS = 4096  # rows of the head's weight cast at a time
+
+
+def _cast_releasing(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight.to(dtype)``, made a slice of rows at a time, each slice's pages released once cast:
+    SmolLM2's head is 113 MB in float32, which would otherwise all be resident beside the copy."""
+    weight = weight.detach()
+    if weight.dtype == dtype:
+        return weight
+    cast = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    for start in range(0, weight.shape[0], CAST_ROWS):
+        part = weight[start : start + CAST_ROWS]
+        cast[start : start + CAST_ROWS] = part
+        release([part])
+    return cast
+
+
 def _backward_in_head_slices(decoder: nn.Module, head: nn.Linear, batch: torch.Tensor, compute_dtype: torch.dtype | None) -> None:
     """The next-token NLL's backward pass, the head applied HEAD_CHUNK positions at a time: the
     logits of a window ([seq, vocab], 50 MB for SmolLM2 in bfloat16) and the loss's temporaries
@@ -103,11 +120,10 @@ def _backward_in_head_slices(decoder: nn.Module, head: nn.Linear, batch: torch.T
     would do on every call) and its float32 pages released meanwhile."""
     with autocast_to(decoder, compute_dtype):
         hidden = decoder(input_ids=batch, use_cache=False).last_hidden_state
+    return_free_heap()  # what the forward freed lies between what it keeps for the backward
     dtype = compute_dtype or head.weight.dtype
-    weight = head.weight.to(dtype)
+    weight = _cast_releasing(head.weight, dtype)
     bias = None if head.bias is None else head.bias.to(dtype)
-    if weight is not head.weight:
-        release(head.parameters())
     h = hidden.detach().requires_grad_()
     n = batch.shape[1] - 1
     for s in range(0, n, HEAD_CHUNK):
@@ -117,6 +133,8 @@ def _backward_in_head_slices(decoder: nn.Module, head: nn.Linear, batch: torch.T
         # in the logits' own dtype, as next_token_nll takes it
         nll = F.cross_entropy(logits, batch[:, s + 1 : e + 1].reshape(-1), reduction="sum")
         nll.backward()
+    weight = logits = nll = None  # the cast head and the last slice's logits, before the heap is returned
+    return_free_heap()
     hidden.backward(h.grad)
 
 

@@ -116,3 +116,42 @@ def test_spill_leaves_tensors_off_the_host_alone(tmp_path):
     t = torch.empty(3, 4, device="meta")
     assert Spill(tmp_path).hold(t) is t
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_view_releases_its_own_pages_only(tmp_path):
+    values = _values()
+    t = _mapped(tmp_path, values)
+    t.sum()
+    half = t.numel() // 2  # PAGES / 2 whole pages
+    released = release([t[:half]])
+    assert released == half * 4
+    np.testing.assert_array_equal(t.numpy(), values)
+
+
+def test_the_head_is_cast_a_slice_at_a_time_and_each_slice_released(tmp_path, monkeypatch):
+    import compressor.sensitivity as sensitivity
+
+    weight = _mapped(tmp_path, _values()).view(PAGES * 4, 256)
+    released = []
+    monkeypatch.setattr(sensitivity, "CAST_ROWS", 48)  # not a divisor of the 256 rows
+    monkeypatch.setattr(sensitivity, "release", lambda tensors: released.extend(tensors))
+    cast = sensitivity._cast_releasing(weight, torch.bfloat16)
+    assert cast.dtype == torch.bfloat16 and torch.equal(cast, weight.to(torch.bfloat16))
+    assert [(int(p.data_ptr() - weight.data_ptr()) // (256 * 4), p.shape[0]) for p in released] == [
+        (start, min(48, 256 - start)) for start in range(0, 256, 48)
+    ]
+    count = len(released)
+    same = sensitivity._cast_releasing(weight, torch.float32)  # already that dtype: no copy, nothing released
+    assert same.data_ptr() == weight.data_ptr() and len(released) == count
+
+
+def test_kernel_caches_are_bounded_unless_the_environment_says_otherwise(monkeypatch):
+    from compressor.residency import KERNEL_CACHE_CAPACITY, bound_kernel_caches
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")
+    bound_kernel_caches()
+    import os
+
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(KERNEL_CACHE_CAPACITY)
+    assert os.environ["LRU_CACHE_CAPACITY"] == "7"
