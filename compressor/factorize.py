@@ -212,21 +212,28 @@ def decompose_all(
     scales: Scales | None = None,
     values_only: bool = False,
     compute_dtype: torch.dtype | None = None,
+    spill: Spill | None = None,
 ) -> dict[str, Decomposition]:
     """Pass 1: every target decomposed on the original model (kept only up to useful ranks).
 
     ``scales``: the output weights of the fisher metric; ``values_only``: spectra without
     singular vectors, all a sequential run needs from this pass; ``compute_dtype``: of the
-    forward passes."""
+    forward passes; ``spill``: where the singular vectors go, instead of staying in memory
+    (SmolLM2's take 0.33 GB)."""
+
+    def kept(d: Decomposition, shape: tuple[int, int]) -> Decomposition:
+        d = d.truncated(allocate.max_factored_rank(shape), torch.float32)
+        return d if spill is None else d.held_by(spill)
+
     if calibration is None:
-        return {t.name: svd_decomposition(t.weight()).truncated(allocate.max_factored_rank(t.shape), torch.float32) for t in track(targets, description="decomposing")}
+        return {t.name: kept(svd_decomposition(t.weight()), t.shape) for t in track(targets, description="decomposing")}
     decompositions = {}
     batches = calibration.batches(CALIBRATION_BATCH)
     for step in iterate_blocks(model, batches, targets, "calibrating, decomposing", compute_dtype):
         grams = step.collect_grams(block_final=True)
         for name, d in _decompose_block(step.targets, grams, scales, values_only).items():
             shape = next(t.shape for t in step.targets if t.name == name)
-            decompositions[name] = d.truncated(allocate.max_factored_rank(shape), torch.float32)
+            decompositions[name] = kept(d, shape)
     return decompositions
 
 
@@ -257,7 +264,7 @@ def factor_targets(
             d = decs[t.name]
             factors[t.name] = d.factors(t.weight(), rank, t.module.weight.dtype)
             errors[t.name] = d.discarded(rank)
-            release(t.module.parameters())
+            release([*t.module.parameters(), d.u, *([] if d.vh is None else [d.vh])])
         apply_factors(model, factors)
         if spill is not None:
             for name in factors:
@@ -315,8 +322,9 @@ def factorize_model(
 
     ``decompositions`` from an earlier :func:`decompose_all` of the same weights, calibration
     and metric, and ``fisher`` from an earlier :func:`output_fisher`, may be passed to skip
-    that work (benchmarks reuse them across targets). ``spill``: keep the factors in files
-    there rather than in memory (the model then reads them from those files).
+    that work (benchmarks reuse them across targets). ``spill``: keep the factors, and one-shot's
+    pass-1 singular vectors, in files there rather than in memory (the model then reads its
+    factors from those files).
     """
     options.validate()
     if options.needs_calibration and calibration is None:
@@ -343,7 +351,7 @@ def factorize_model(
     own_decompositions = decompositions is None
     if decompositions is None:
         decompositions = decompose_all(
-            model, targets, calibration if whitened else None, scales, sequential or dry_run, compute_dtype
+            model, targets, calibration if whitened else None, scales, sequential or dry_run, compute_dtype, spill
         )
     spectra = {t.name: decompositions[t.name].sv for t in targets}
     plain = spectra if options.method == "svd" else {}

@@ -152,6 +152,24 @@ def test_factors_are_spilled_to_files_while_factorizing(tiny_llama, text_file, t
         torch.testing.assert_close(module.weight_a, before, rtol=0, atol=0)
 
 
+def test_one_shot_spills_the_pass_one_vectors_and_factors_the_same(tiny_llama, text_file, tmp_path):
+    from compressor.residency import Spill
+
+    calibration = _calibration(tiny_llama, text_file)
+    options = FactorizeOptions(0.6, sequential=False, calib_dtype="float32")
+    in_memory = _fresh(tiny_llama)
+    factorize_model(in_memory, select_targets(in_memory), options, calibration)
+    spilled = _fresh(tiny_llama)
+    targets = select_targets(spilled)
+    factorize_model(spilled, targets, options, calibration, spill=Spill(tmp_path))
+    expected, factored = factored_modules(in_memory), factored_modules(spilled)
+    assert set(factored) == set(expected)
+    assert len(list(tmp_path.iterdir())) == len(targets) + 2 * len(factored)  # vectors, then factors
+    for name, module in expected.items():
+        torch.testing.assert_close(factored[name].weight_a, module.weight_a, rtol=0, atol=0)
+        torch.testing.assert_close(factored[name].weight_b, module.weight_b, rtol=0, atol=0)
+
+
 def test_spill_folder_removed_when_writing_fails(tiny_llama, text_file, tmp_path, monkeypatch):
     import compressor.formats.factored as factored_format
 

@@ -45,6 +45,12 @@ class Decomposition:
         vh = None if self.vh is None else self.vh[:keep].to(dtype, copy=True)
         return Decomposition(self.u[:, :keep].to(dtype, copy=True), self.sv, self.whitened, vh, self.scale)
 
+    def held_by(self, spill: "Spill") -> "Decomposition":  # noqa: F821
+        """The same decomposition, its singular vectors moved to files of ``spill``
+        (:class:`compressor.residency.Spill`)."""
+        vh = None if self.vh is None else spill.hold(self.vh)
+        return Decomposition(spill.hold(self.u), self.sv, self.whitened, vh, self.scale)
+
     def factors(self, weight: torch.Tensor, rank: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """(B [out, r], A [r, in]) with B·A the best rank-r approximation of ``weight`` in this metric."""
         if not 0 <= rank <= self.u.shape[1]:
