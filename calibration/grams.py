@@ -1,9 +1,6 @@
 """Input Gram matrices XᵀX of target modules, accumulated over calibration batches.
 
-Modules fed the very same input tensor (q/k/v, gate/up) share one Gram. A module with far
-fewer outputs than inputs may instead have the Gram of its outputs, YᵀY with Y = X·Wᵀ: all
-a whitened spectrum or factorization of W needs is W·XᵀX·Wᵀ, which that is, at (out/in)²
-of the work (SmolLM2's down_proj: 576² instead of 1536² per token). Each batch's
+Modules fed the very same input tensor (q/k/v, gate/up) share one Gram. Each batch's
 XᵀX is formed in float32 and summed in a float64 accumulator; activations are never all
 held in memory. On the CPU only the upper block triangle is multiplied (GRAM_BLOCKS
 column blocks: 5/8 of a full product's work for 4 blocks), with torch's own BLAS. SciPy's
@@ -25,13 +22,11 @@ GRAM_BLOCKS = 4
 
 @dataclass
 class Gram:
-    """XᵀX over ``tokens`` input rows, shared by the modules in ``modules``; with ``side``
-    "output", YᵀY of the one module's outputs less its bias, Y = X·Wᵀ."""
+    """XᵀX over ``tokens`` input rows, shared by the modules in ``modules``."""
 
     modules: list[str]
     dim: int
     tokens: int = 0
-    side: str = "input"
     _upper: torch.Tensor | None = field(default=None, repr=False)  # CPU: the upper block triangle
     _device_sum: torch.Tensor | None = field(default=None, repr=False)
     _matrix: torch.Tensor | None = field(default=None, repr=False)
@@ -82,28 +77,21 @@ class Gram:
 
 
 class GramCollector:
-    """Forward hooks that accumulate the Gram of each module's input (of its output, for the
-    modules named in ``outputs``).
+    """Forward pre-hooks that accumulate the Gram of each module's input.
 
     Use as ``with GramCollector(modules) as collector: run forward passes``; hooks are
     removed on exit whatever happens. ``collector.grams`` maps module name → its Gram.
     """
 
-    def __init__(self, modules: Mapping[str, nn.Module], outputs: Iterable[str] = ()):
+    def __init__(self, modules: Mapping[str, nn.Module]):
         self.modules = dict(modules)
-        self.outputs = set(outputs)
-        if unknown := self.outputs - set(self.modules):
-            raise ValueError(f"output Grams asked for modules not collected: {sorted(unknown)}")
         self.grams: dict[str, Gram] = {}
         self._recent: list[tuple[torch.Tensor, Gram]] = []
         self._handles: list = []
 
     def __enter__(self) -> "GramCollector":
         for name, module in self.modules.items():
-            if name in self.outputs:
-                self._handles.append(module.register_forward_hook(self._output_hook(name)))
-            else:
-                self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -131,36 +119,12 @@ class GramCollector:
 
         return hook
 
-    def _output_hook(self, name: str):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            gram = self.grams.get(name)
-            if gram is None:
-                gram = self.grams[name] = Gram(modules=[name], dim=output.shape[-1], side="output")
-            bias = getattr(module, "bias", None)
-            gram.add(output if bias is None else output.detach().float() - bias.detach().float())
-
-        return hook
-
     def unique(self) -> Iterator[Gram]:
         seen: set[int] = set()
         for gram in self.grams.values():
             if id(gram) not in seen:
                 seen.add(id(gram))
                 yield gram
-
-
-def cheaper_on_output(shape: tuple[int, int], has_bias: bool) -> bool:
-    """Whether a module of ``shape`` (out, in) is better served by the Gram of its outputs: at
-    most half as many outputs as inputs, so at most a quarter of the work even where its input
-    Gram would be shared; and no bias, which would have to be taken off outputs that autocast
-    has already rounded."""
-    out, inp = shape
-    return not has_bias and 2 * out <= inp
-
-
-def whitening_of(gram: Gram) -> dict[str, torch.Tensor]:
-    """The keyword argument of :func:`~compressor.math.factorize.whitened_decomposition` for this Gram."""
-    return {"gram" if gram.side == "input" else "output_gram": gram.matrix}
 
 
 def gram_roots(grams: Mapping[str, Gram], names: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -171,8 +135,6 @@ def gram_roots(grams: Mapping[str, Gram], names: Iterable[str]) -> dict[str, tor
     roots = {}
     for name in names:
         gram = grams[name]
-        if gram.side != "input":
-            raise ValueError(f"{name} has the Gram of its outputs, which has no whitening root")
         if id(gram) not in by_gram:
             by_gram[id(gram)] = gram_root(gram.matrix)
         roots[name] = by_gram[id(gram)]

@@ -18,6 +18,7 @@ from compressor.errors import InvalidInputError, UsageError
 from compressor.math.sampling import sample_top_p
 from compressor.precision import autocast_to
 from compressor.progress import track
+from compressor.residency import release
 
 log = logging.getLogger(__name__)
 
@@ -167,12 +168,17 @@ def _self_generated(
     if start is None:
         raise InvalidInputError("--calib self needs a BOS or EOS token to start from; pass --calib FILE")
     eos = _eos_ids(model, tokenizer)
+    # Autocast keeps its lower-precision copy of each weight that requires grad, for as long as
+    # its context lasts: the decode loop then never reads the weights themselves again.
+    casts_cached = (
+        compute_dtype is not None and torch.is_autocast_cache_enabled() and all(p.requires_grad for p in model.parameters())
+    )
     chunks = []
     with autocast_to(model, compute_dtype):
         for first in range(0, samples, GENERATION_BATCH):
             rows = min(GENERATION_BATCH, samples - first)
             part = f" ({first // GENERATION_BATCH + 1}/{-(-samples // GENERATION_BATCH)})" if samples > rows else ""
-            chunks.append(_sample_from(model, start, rows, seq_len, generator, eos, part))
+            chunks.append(_sample_from(model, start, rows, seq_len, generator, eos, part, casts_cached))
     ids = torch.cat(chunks)
     note = f"sampled from BOS: top_p={TOP_P}, temperature=1.0, end-of-text suppressed"
     return CalibrationSet(ids, CalibrationInfo(**{**info.to_dict(), "note": note}))
@@ -191,17 +197,23 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 @torch.no_grad()  # not inference_mode: autocast caches its bfloat16 weight casts only outside it
-def _sample_from(model, start: int, rows: int, seq_len: int, generator, eos: list[int], part: str) -> torch.Tensor:
+def _sample_from(
+    model, start: int, rows: int, seq_len: int, generator, eos: list[int], part: str, casts_cached: bool = False
+) -> torch.Tensor:
     """``rows`` sequences of ``seq_len`` tokens: ``start``, then top-p samples with a KV cache.
-    End-of-text tokens are never drawn, so that every window is text to its end."""
+    End-of-text tokens are never drawn, so that every window is text to its end. ``casts_cached``:
+    autocast holds a copy of every weight, so the pages of the weights themselves (SmolLM2: 0.54 GB
+    in float32) are released after the first step."""
     device = next(model.parameters()).device
     # transformers 5 renamed the KV cache argument and output from past_key_values to cache.
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     tokens = [torch.full((rows, 1), start, dtype=torch.long)]
     past = None
-    for _ in track(range(seq_len - 1), description=f"generating calibration text{part}"):
+    for step in track(range(seq_len - 1), description=f"generating calibration text{part}"):
         out = model(input_ids=tokens[-1].to(device), use_cache=True, **{cache_name: past})
         past = out[cache_name]
+        if casts_cached and step == 0:
+            release(model.parameters())
         logits = out.logits[:, -1].float().cpu()
         if eos:
             logits[:, eos] = float("-inf")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from compressor.calibration.grams import Gram, gram_roots, whitening_of
+from compressor.calibration.grams import Gram, gram_roots
 from compressor.math.factorize import whitened_decomposition
 from compressor.math import allocate, spectra
 from compressor.targets import Target
@@ -93,7 +93,7 @@ def analyze_module(target: Target, gram: Gram | None = None, root: torch.Tensor 
         plain=SpectrumStats.of(spectra.singular_values(weight)),
     )
     if gram is not None:
-        whitened = whitened_decomposition(weight, **whitening_of(gram), root=root, values_only=True)
+        whitened = whitened_decomposition(weight, gram=gram.matrix, root=root, values_only=True)
         result.whitened = SpectrumStats.of(whitened.sv)
         result.calibration_tokens = gram.tokens
     return result

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
-from compressor.calibration.grams import Gram, gram_roots, whitening_of
+from compressor.calibration.grams import Gram, gram_roots
 from compressor.calibration.sources import CalibrationSet
 from compressor.errors import UsageError
 from compressor.math import allocate
@@ -195,7 +195,7 @@ def _decompose_block(
     return {
         t.name: whitened_decomposition(
             t.weight(),
-            **whitening_of(grams[t.name]),
+            gram=grams[t.name].matrix,
             root=roots.get(t.name),
             scale=None if scales is None else scales[t.name],
             values_only=values_only,

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from compressor.attention import chunked_causal_attention
-from compressor.calibration.grams import GramCollector, cheaper_on_output
+from compressor.calibration.grams import GramCollector
 from compressor.precision import autocast_to
 from compressor.progress import track
 from compressor.residency import release, return_free_heap
@@ -74,13 +74,6 @@ def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor]) -> list[
     return captured
 
 
-def _collector(targets: list[Target]) -> GramCollector:
-    """Grams of the targets' inputs, or of their outputs where that is less work (see
-    :func:`cheaper_on_output`); a whitened spectrum or factorization takes either."""
-    outputs = [t.name for t in targets if cheaper_on_output(t.shape, getattr(t.module, "bias", None) is not None)]
-    return GramCollector({t.name: t.module for t in targets}, outputs=outputs)
-
-
 def _next_input(inp: BlockInput, block_output) -> BlockInput:
     """The next block's input: this one's arguments with the block's hidden states."""
     return inp.with_hidden(block_output[0] if isinstance(block_output, (tuple, list)) else block_output)
@@ -111,7 +104,7 @@ class BlockStep:
         will not change the block, so the outputs of this very pass become the next block's inputs
         (one forward instead of two)."""
         self._check_not_advanced()
-        with _collector(self.targets if only is None else only) as collector:
+        with GramCollector({t.name: t.module for t in (self.targets if only is None else only)}) as collector:
             for i, inp in enumerate(self.inputs):
                 out = self._run(inp)
                 if block_final:
@@ -169,7 +162,7 @@ def collect_grams_whole_model(
 ):
     """All targets' Grams in full forward passes: for targets outside the blocks (lm_head)."""
     device = next(model.parameters()).device
-    with _collector(targets) as collector:
+    with GramCollector({t.name: t.module for t in targets}) as collector:
         for batch in track(batches, description="calibrating"):
             with autocast_to(model, compute_dtype), chunked_causal_attention():
                 model(input_ids=batch.to(device), **_model_kwargs(model))

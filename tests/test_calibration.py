@@ -184,3 +184,23 @@ def test_self_on_bert_uses_random_tokens(tiny_bert, caplog):
 def test_bad_hf_spec(tokenizer, spec):
     with pytest.raises(UsageError):
         load_calibration(spec, tokenizer, samples=1, seq_len=8)
+
+
+@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16])
+def test_self_generation_releases_weights_only_where_autocast_holds_copies(tiny_llama, compute_dtype, monkeypatch):
+    import compressor.calibration.sources as sources
+    from compressor.loading import load_model
+
+    model = load_model(str(tiny_llama.path)).model  # memory-mapped weights: dropped pages come back
+    monkeypatch.setattr(sources, "GENERATION_BATCH", 2)
+    expected = load_calibration("self", tiny_llama.tokenizer, model, samples=3, seq_len=12, seed=0, compute_dtype=compute_dtype)
+    released = []
+    real_release = sources.release
+    monkeypatch.setattr(sources, "release", lambda tensors: released.append(real_release(list(tensors))))
+    got = load_calibration("self", tiny_llama.tokenizer, model, samples=3, seq_len=12, seed=0, compute_dtype=compute_dtype)
+    assert len(released) == (2 if compute_dtype is not None else 0)  # once per batch of sequences
+    torch.testing.assert_close(got.input_ids, expected.input_ids, rtol=0, atol=0)
+    for p in model.parameters():
+        p.requires_grad_(False)  # autocast caches no copies: the weights are read at every step
+    load_calibration("self", tiny_llama.tokenizer, model, samples=3, seq_len=12, seed=0, compute_dtype=compute_dtype)
+    assert len(released) == (2 if compute_dtype is not None else 0)

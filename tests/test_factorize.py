@@ -13,7 +13,7 @@ from compressor.factorize import FactorizeOptions, factorize_model
 from compressor.formats.factored import FactoredLinear, factored_modules, load_factored
 from compressor.loading import load_model
 from compressor.errors import UsageError
-from compressor.calibration.grams import GramCollector
+from compressor.pipeline import collect_grams_whole_model
 from compressor.precision import resolve_calib_dtype
 from compressor.sensitivity import fisher_scale, output_fisher
 from compressor.targets import find_blocks, select_targets
@@ -25,14 +25,6 @@ def _calibration(tiny, text_file, samples=6, seq_len=24):
 
 def _fresh(tiny):
     return load_model(str(tiny.path)).model
-
-
-def _input_grams(model, batches, targets):
-    """XᵀX of every target's inputs, the reference metric (the pipeline may take output Grams)."""
-    with GramCollector({t.name: t.module for t in targets}) as collector, torch.inference_mode():
-        for batch in batches:
-            model(input_ids=batch, use_cache=False)
-    return collector.grams
 
 
 @pytest.mark.parametrize("alloc", ["global", "uniform", "welore"])
@@ -55,7 +47,7 @@ def test_predicted_error_equals_measured_on_calibration(request, text_file, kind
     calibration = _calibration(tiny, text_file)
     targets = select_targets(model)
     weights = {t.name: t.weight().to(torch.float64).clone() for t in targets}
-    grams = _input_grams(model, calibration.batches(4), targets)
+    grams = collect_grams_whole_model(model, calibration.batches(4), targets)
     fisher = output_fisher(model, targets, calibration.batches(2))
     options = FactorizeOptions(0.5, method=method, sequential=False, calib_dtype="float32")
     outcome = factorize_model(model, targets, options, calibration, fisher=fisher)
@@ -371,9 +363,9 @@ def test_sequential_leaves_dense_targets_and_all_dense_blocks_alone(tiny_llama, 
     collected = []
     collector = pipeline.GramCollector
 
-    def spy(modules, outputs=()):
+    def spy(modules):
         collected.extend(modules)
-        return collector(modules, outputs)
+        return collector(modules)
 
     monkeypatch.setattr(pipeline, "GramCollector", spy)
     errors = factor_targets(model, targets, plan, None, calibration)

@@ -86,11 +86,9 @@ def whitened_decomposition(
     scale: torch.Tensor | None = None,
     values_only: bool = False,
     keep: int | None = None,
-    output_gram: torch.Tensor | None = None,
 ) -> Decomposition:
     """Decompose M = W·S, or D·W·S with ``scale`` = diag(D) > 0; pass the Gram G = XᵀX, an already
-    computed root S (shared by q/k/v), or both; or instead (out ≤ in) the Gram of the outputs,
-    YᵀY = W·G·Wᵀ with Y = X·Wᵀ. ``values_only``: the spectrum without singular vectors;
+    computed root S (shared by q/k/v), or both. ``values_only``: the spectrum without singular vectors;
     ``keep``: only the leading singular vectors up to that rank (the spectrum stays whole).
 
     Computed from the eigendecomposition of the smaller of M·Mᵀ and MᵀM, 3-6x faster than an SVD of
@@ -98,8 +96,8 @@ def whitened_decomposition(
     and its eigenvalues σ², accurate to ~1e-16·σ₁², far below any truncation error. For out > in,
     MᵀM = V·Σ²·Vᵀ and U is the orthonormal factor of M·V (QR: robust where σ vanishes).
     """
-    if (output_gram is None) == (root is None and gram is None):
-        raise ValueError("whitened_decomposition needs a gram or its root, or else the output Gram")
+    if root is None and gram is None:
+        raise ValueError("whitened_decomposition needs a gram or its root")
     w = _check_finite(weight.detach().to("cpu", torch.float64), "weight")
     if scale is not None:
         scale = _check_finite(scale.to("cpu", torch.float64), "output scale")
@@ -107,15 +105,6 @@ def whitened_decomposition(
             raise ValueError(f"output scale must be {w.shape[0]} positive values")
         w = scale[:, None] * w
     out, inp = w.shape
-    if output_gram is not None:
-        if output_gram.shape != (out, out):
-            raise ValueError(f"output Gram must be {out}×{out}, got {tuple(output_gram.shape)}")
-        if out > inp:
-            raise ValueError(f"an output Gram serves matrices with no more outputs than inputs, not {out}×{inp}")
-        left = _check_finite(output_gram.to("cpu", torch.float64), "output Gram")
-        if scale is not None:
-            left = scale[:, None] * left * scale[None, :]
-        return _from_left_gram(left, scale, values_only, keep)
     if out <= inp and gram is not None:
         g = _check_finite(gram.to("cpu", torch.float64), "Gram matrix")
         left = w @ g @ w.T
