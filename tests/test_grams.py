@@ -206,3 +206,14 @@ def test_a_step_that_made_the_next_inputs_refuses_to_run_again(tiny_llama):
     step.collect_grams(block_final=True)  # its inputs are now the next block's
     with pytest.raises(RuntimeError, match="already produced"):
         step.collect_grams()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2", "tiny_bert"])
+def test_the_loop_writes_each_blocks_outputs_into_its_inputs_tensors(fixture, request):
+    model = request.getfixturevalue(fixture).model
+    batches = _batches(n_batches=2, batch=2, length=12, seed=3)
+    pointers = []
+    for step in iterate_blocks(model, batches, select_targets(model)):
+        pointers.append([inp.hidden.data_ptr() for inp in step.inputs])
+        step.collect_grams(block_final=step.index % 2 == 0)  # both ways of advancing
+    assert len(pointers) == LAYERS and all(p == pointers[0] for p in pointers)
