@@ -167,6 +167,8 @@ def iterate_blocks(
             inputs = step.outputs()
         release(blocks[index].parameters())  # read again, if at all, in the next pass
         return_free_heap()
+    inputs.clear()  # the hidden states, though the caller may still hold the last step
+    return_free_heap()
 
 
 @torch.inference_mode()

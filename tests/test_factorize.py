@@ -123,7 +123,7 @@ def test_factors_are_spilled_to_files_while_factorizing(tiny_llama, text_file, t
     def spy(model, *args, spill=None, **kwargs):
         seen["folder"] = spill.folder
         outcome = factorize_model(model, *args, spill=spill, **kwargs)
-        seen["files"] = sorted(p.name for p in spill.folder.iterdir())
+        seen["files"] = sorted(p.name for p in spill.folder.glob("*.bin"))
         return outcome
 
     import compressor.factorize
@@ -465,3 +465,40 @@ def test_a_head_that_is_a_target_gets_its_fisher_from_whole_logits(tiny_llama, t
     assert float(got["lm_head"].sum()) > 0
     for t in targets:
         torch.testing.assert_close(got[t.name], whole[t.name], rtol=1e-5, atol=1e-12)
+
+
+def test_the_tokenizer_waits_on_disk_during_the_passes_and_comes_back_the_same(tiny_llama, text_file, tmp_path, monkeypatch):
+    import compressor.factorize
+
+    loaded = load_model(str(tiny_llama.path))
+    tokenizer_class = type(loaded.tokenizer)
+    during = []
+    original = compressor.factorize.factorize_model
+
+    def spy(*args, **kwargs):
+        during.append(loaded.tokenizer)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(compressor.factorize, "factorize_model", spy)
+    api.factorize(loaded, FactorizeOptions(0.6), calib=str(text_file), calib_samples=6, seq_len=24, output=tmp_path / "out")
+    assert during == [None]  # not in memory while the passes ran
+    assert type(loaded.tokenizer) is tokenizer_class
+    text = "the quick brown fox"
+    assert loaded.tokenizer(text)["input_ids"] == load_model(str(tiny_llama.path)).tokenizer(text)["input_ids"]
+    load_model(str(tiny_llama.path)).tokenizer.save_pretrained(tmp_path / "fresh")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "out" / name).read_text() == (tmp_path / "fresh" / name).read_text()
+
+
+def test_the_tokenizer_comes_back_when_factorizing_fails(tiny_llama, text_file, tmp_path, monkeypatch):
+    import compressor.factorize
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    loaded = load_model(str(tiny_llama.path))
+    monkeypatch.setattr(compressor.factorize, "factorize_model", fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        api.factorize(loaded, FactorizeOptions(0.6), calib=str(text_file), calib_samples=6, seq_len=24, output=tmp_path / "out")
+    assert loaded.tokenizer is not None and loaded.tokenizer("a b")["input_ids"]
+    assert list(tmp_path.iterdir()) == []
