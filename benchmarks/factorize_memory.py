@@ -4,7 +4,7 @@
 
 Runs the real CLI in this process with probes around its phases (load, calibration,
 output-Fisher pass, pass 1, sequential pass, writing): at each phase's start and end it
-prints the resident set (VmRSS), the run's peak so far and the peak since the phase began (VmHWM,
+prints the resident set (VmRSS, in GiB), the run's peak so far and the peak since the phase began (VmHWM,
 reset at each phase's start). ``--trim``
 also returns freed heap memory to the system (glibc ``malloc_trim``) after each phase
 (``--trim blocks``: after every block of a pass too), to tell memory still in use from
@@ -63,9 +63,9 @@ _highest = [0.0]  # resetting VmHWM also resets ru_maxrss, so the run's peak is 
 def report(label: str) -> None:
     phase = phase_peak_gb()
     _highest[0] = max(_highest[0], phase, peak_gb())
-    print(f"[{time.perf_counter() - START:6.1f} s] {label:<28} resident {resident_gb():.2f} GB "
+    print(f"[{time.perf_counter() - START:6.1f} s] {label:<28} resident {resident_gb():.2f} GiB "
           f"(anonymous {_status_gb('RssAnon'):.2f}, files {_status_gb('RssFile'):.2f}), "
-          f"peak {_highest[0]:.2f} GB, peak in phase {phase:.2f} GB", flush=True)
+          f"peak {_highest[0]:.2f} GiB, peak in phase {phase:.2f} GiB", flush=True)
 
 
 def probe(module, name: str, trim) -> None:

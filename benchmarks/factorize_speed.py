@@ -3,7 +3,8 @@
     python benchmarks/factorize_speed.py [--target 0.8] [--calib-samples 64] [--extra=--one-shot]
 
 Runs the real CLI in a child process and reports its wall time and peak resident memory
-(from the kernel's rusage), next to the size of the float32 model's parameters.
+(from the kernel's rusage) in GiB, next to the size of the float32 model's parameters and the
+ratio of the two.
 """
 
 from __future__ import annotations
@@ -33,14 +34,14 @@ def main() -> None:
     start = time.perf_counter()
     subprocess.run(command, check=True)
     seconds = time.perf_counter() - start
-    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
+    peak_bytes = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     result = json.loads(report.read_text())
-    model_gb = result["model_params_before"] * 4 / 1e9
+    model_bytes = result["model_params_before"] * 4
     print(json.dumps({
         "wall_seconds": round(seconds, 1),
-        "peak_rss_gb": round(peak_gb, 3),
-        "float32_model_gb": round(model_gb, 3),
-        "peak_over_model": round(peak_gb * 1024**3 / 1e9 / model_gb, 2),
+        "peak_rss_gib": round(peak_bytes / 2**30, 3),
+        "float32_model_gib": round(model_bytes / 2**30, 3),
+        "peak_over_model": round(peak_bytes / model_bytes, 2),
         "kept_fraction": result["kept_fraction"],
         "file_mb": round(result["file_bytes"] / 1e6, 1),
     }, indent=2))
