@@ -217,7 +217,9 @@ def factorize(
 def _tokenizer_parked(loaded: LoadedModel, folder: Path | None) -> Iterator[None]:
     """While the passes run, the tokenizer waits as its own files in ``folder`` rather than in
     memory (SmolLM2's takes 43 MB resident), and is loaded back from them afterwards, whatever happens."""
-    if folder is None or loaded.tokenizer is None or not hasattr(loaded.tokenizer, "save_pretrained"):
+    tokenizer = loaded.tokenizer
+    stock = type(tokenizer).__module__.startswith("transformers.")  # loads back without remote code
+    if folder is None or tokenizer is None or not stock or not hasattr(tokenizer, "save_pretrained"):
         yield
         return
     import transformers
@@ -225,8 +227,8 @@ def _tokenizer_parked(loaded: LoadedModel, folder: Path | None) -> Iterator[None
     from compressor.residency import return_free_heap
 
     path = folder / "tokenizer"
-    loaded.tokenizer.save_pretrained(path)
-    loaded.tokenizer = None
+    tokenizer.save_pretrained(path)
+    loaded.tokenizer = tokenizer = None
     return_free_heap()
     try:
         yield

@@ -166,10 +166,10 @@ def bound_kernel_caches(capacity: int = KERNEL_CACHE_CAPACITY) -> None:
 
     Each new matrix shape in a bfloat16 product compiles a kernel that stays cached. A
     sequential factorization runs a new shape for nearly every factored matrix (their ranks
-    differ): on SmolLM2 the process kept ~4.5 MB more per block, 0.13 GB by the end of the
-    pass, and with 64 entries it levels off after five blocks. The libraries read these
-    variables when they first compile a kernel, so this must run before the process's first
-    bfloat16 product.
+    differ), so its resident set grew block after block: SmolLM2's default run peaked at
+    0.833 GiB with 1,024 entries and 0.759-0.784 GiB with 64, in the same time (README,
+    *Factorization speed and memory*). The libraries read these variables when they first
+    compile a kernel, so this must run before the process's first bfloat16 product.
     """
     for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
         os.environ.setdefault(name, str(capacity))
