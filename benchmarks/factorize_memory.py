@@ -1,20 +1,19 @@
 """Where the memory of `compress factorize` goes: resident and peak memory at each phase.
 
-    python benchmarks/factorize_memory.py [--target 0.8] [--extra=--one-shot] [--trim [blocks]]
+    python benchmarks/factorize_memory.py [--target 0.8] [--extra=--one-shot] [--trim]
 
 Runs the real CLI in this process with probes around its phases (load, calibration,
 output-Fisher pass, pass 1, sequential pass, writing): at each phase's start and end it
 prints the resident set (VmRSS, in GiB), the run's peak so far and the peak since the phase began (VmHWM,
 reset at each phase's start). ``--trim``
-also returns freed heap memory to the system (glibc ``malloc_trim``) after each phase
-(``--trim blocks``: after every block of a pass too), to tell memory still in use from
-memory the allocator keeps.
+also returns freed heap memory to the system (glibc ``malloc_trim``) after each phase, to
+tell memory still in use from memory the allocator keeps; the layer loop already does so
+after every block.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import functools
 import resource
 import sys
@@ -44,10 +43,7 @@ def peak_gb() -> float:
 
 def phase_peak_gb() -> float:
     """The resident set's high-water mark since the last reset_phase_peak() (VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024**2
-    return float("nan")
+    return _status_gb("VmHWM")
 
 
 def reset_phase_peak() -> None:
@@ -86,36 +82,25 @@ def probe(module, name: str, trim) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
-    parser.add_argument("--trim", nargs="?", const="phases", choices=["phases", "blocks"],
-                        help="malloc_trim (glibc) after each phase, or also after each block of a pass")
+    parser.add_argument("--trim", action="store_true",
+                        help="malloc_trim (glibc) after each phase (the layer loop itself does so after each block)")
     args = parser.parse_args()
 
     import torch  # noqa: F401  (imports first: their memory is the floor)
     import transformers  # noqa: F401
 
     report("imports (torch, transformers)")
-    libc = ctypes.CDLL("libc.so.6") if args.trim else None
-
-    def trim() -> None:
-        if libc is not None:
-            libc.malloc_trim(0)
 
     import compressor.api as api
     import compressor.cli as cli
     import compressor.factorize as factorize
     import compressor.formats.factored as factored
+    from compressor.residency import return_free_heap
 
-    if args.trim == "blocks":
-        import compressor.pipeline as pipeline
+    def trim() -> None:
+        if args.trim:
+            return_free_heap()
 
-        blocks = pipeline.iterate_blocks
-
-        def trimmed(*a, **k):
-            for step in blocks(*a, **k):
-                yield step
-                trim()
-
-        factorize.iterate_blocks = trimmed
     probe(cli, "_load", trim)
     probe(api, "calibrate", trim)
     probe(factorize, "output_fisher", trim)
