@@ -1,9 +1,6 @@
 """Input Gram matrices XᵀX of target modules, accumulated over calibration batches.
 
-Modules fed the very same input tensor (q/k/v, gate/up) share one Gram. A module with far
-fewer outputs than inputs (``down_proj``) may instead collect the Gram of its outputs YᵀY,
-Y = X·Wᵀ, which is W·XᵀX·Wᵀ, all that a whitened factorization of W needs, and cheaper to form
-(:func:`output_gram_is_cheaper`). Each batch's
+Modules fed the very same input tensor (q/k/v, gate/up) share one Gram. Each batch's
 XᵀX is formed in float32 and summed in a float64 accumulator; activations are never all
 held in memory. On the CPU only the upper block triangle is multiplied (GRAM_BLOCKS
 column blocks: 5/8 of a full product's work for 4 blocks), with torch's own BLAS. SciPy's
@@ -14,7 +11,7 @@ the speed of the forward passes between them on a small machine (measured 2.2x s
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -25,13 +22,11 @@ GRAM_BLOCKS = 4
 
 @dataclass
 class Gram:
-    """XᵀX over ``tokens`` input rows, shared by the modules in ``modules``; with ``of_outputs``,
-    YᵀY of the one module's outputs Y = X·Wᵀ (no bias), for the weight it had while collecting."""
+    """XᵀX over ``tokens`` input rows, shared by the modules in ``modules``."""
 
     modules: list[str]
     dim: int
     tokens: int = 0
-    of_outputs: bool = False
     _upper: torch.Tensor | None = field(default=None, repr=False)  # CPU: the upper block triangle
     _device_sum: torch.Tensor | None = field(default=None, repr=False)
     _matrix: torch.Tensor | None = field(default=None, repr=False)
@@ -81,30 +76,15 @@ class Gram:
         return total
 
 
-def output_gram_is_cheaper(shape: tuple[int, int]) -> bool:
-    """Whether forming YᵀY (Y = X·Wᵀ, then its Gram) costs fewer products per token than XᵀX, for an
-    (out, in) weight: out·in + c·out² < c·in², c the share of a full product that the block
-    triangle multiplies. True for SmolLM2's ``down_proj`` (576 × 1536: 26 % fewer), false for
-    square and widening matrices."""
-    out_features, in_features = shape
-    c = (GRAM_BLOCKS + 1) / (2 * GRAM_BLOCKS)
-    return out_features * in_features + c * out_features**2 < c * in_features**2
-
-
 class GramCollector:
     """Forward pre-hooks that accumulate the Gram of each module's input.
 
     Use as ``with GramCollector(modules) as collector: run forward passes``; hooks are
     removed on exit whatever happens. ``collector.grams`` maps module name → its Gram.
-    ``outputs``: for these modules, the Gram of their outputs instead, each given as a function
-    returning its current (out, in) weight; the products are formed in float32 whatever the
-    model's dtype (under bfloat16 autocast the module's own outputs carry its weight rounded to
-    bfloat16, measurably worse for the factorization). Such a Gram is never shared.
     """
 
-    def __init__(self, modules: Mapping[str, nn.Module], outputs: Mapping[str, Callable[[], torch.Tensor]] | None = None):
+    def __init__(self, modules: Mapping[str, nn.Module]):
         self.modules = dict(modules)
-        self.outputs = dict(outputs or {})
         self.grams: dict[str, Gram] = {}
         self._recent: list[tuple[torch.Tensor, Gram]] = []
         self._handles: list = []
@@ -121,9 +101,6 @@ class GramCollector:
         self._recent.clear()
 
     def _hook(self, name: str):
-        if name in self.outputs:
-            return self._output_hook(name, self.outputs[name])
-
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
             gram = self.grams.get(name)
@@ -139,17 +116,6 @@ class GramCollector:
                 # Keep the tensor alive briefly, so that an identical input seen next is
                 # recognized by identity rather than by a reusable id().
                 self._recent = [(x, gram), *self._recent[:3]]
-
-        return hook
-
-    def _output_hook(self, name: str, weight: Callable[[], torch.Tensor]):
-        def hook(module: nn.Module, args: tuple) -> None:
-            w = weight().detach()
-            x = args[0].detach().reshape(-1, w.shape[1])
-            gram = self.grams.get(name)
-            if gram is None:
-                gram = self.grams[name] = Gram(modules=[name], dim=w.shape[0], of_outputs=True)
-            gram.add(x.to(torch.float32) @ w.to(torch.float32).T)
 
         return hook
 

@@ -191,12 +191,11 @@ def _decompose_block(
     if grams is None:
         return {t.name: svd_decomposition(t.weight()) for t in targets}
     # Only a matrix with more outputs than inputs needs the whitening root (whitened_decomposition).
-    roots = gram_roots(grams, [t.name for t in targets if t.shape[0] > t.shape[1] and not grams[t.name].of_outputs])
+    roots = gram_roots(grams, [t.name for t in targets if t.shape[0] > t.shape[1]])
     return {
         t.name: whitened_decomposition(
             t.weight(),
-            gram=None if grams[t.name].of_outputs else grams[t.name].matrix,
-            output_gram=grams[t.name].matrix if grams[t.name].of_outputs else None,
+            gram=grams[t.name].matrix,
             root=roots.get(t.name),
             scale=None if scales is None else scales[t.name],
             values_only=values_only,
@@ -231,7 +230,7 @@ def decompose_all(
     decompositions = {}
     batches = calibration.batches(CALIBRATION_BATCH)
     for step in iterate_blocks(model, batches, targets, "calibrating, decomposing", compute_dtype):
-        grams = step.collect_grams(block_final=True, outputs=True)
+        grams = step.collect_grams(block_final=True)
         for name, d in _decompose_block(step.targets, grams, scales, values_only).items():
             shape = next(t.shape for t in step.targets if t.name == name)
             decompositions[name] = kept(d, shape)
@@ -283,7 +282,7 @@ def factor_targets(
         factored = [t for t in step.targets if by_name[t.name].rank is not None]
         ranks = {t.name: by_name[t.name].rank for t in factored}
         if factored:  # a block whose targets all stay dense needs no statistics
-            factor(factored, _decompose_block(factored, step.collect_grams(only=factored, outputs=True), scales, keep=ranks))
+            factor(factored, _decompose_block(factored, step.collect_grams(only=factored), scales, keep=ranks))
     return errors
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from compressor.attention import chunked_causal_attention
-from compressor.calibration.grams import GramCollector, output_gram_is_cheaper
+from compressor.calibration.grams import GramCollector
 from compressor.precision import autocast_to
 from compressor.progress import track
 from compressor.residency import release, return_free_heap
@@ -112,17 +112,12 @@ class BlockStep:
             raise RuntimeError(f"block {self.index} has already produced the next block's inputs")
 
     @torch.inference_mode()
-    def collect_grams(
-        self, block_final: bool = False, only: list[Target] | None = None, outputs: bool = False
-    ) -> dict[str, "Gram"]:  # noqa: F821
+    def collect_grams(self, block_final: bool = False, only: list[Target] | None = None) -> dict[str, "Gram"]:  # noqa: F821
         """The targets' input Grams (``only``: of these targets alone). ``block_final``: the caller
         will not change the block, so the outputs of this very pass become the next block's inputs
-        (one forward instead of two). ``outputs``: the Grams of their outputs where those are cheaper
-        to form (:func:`output_gram_is_cheaper`), for a caller that needs no more than W·XᵀX·Wᵀ."""
+        (one forward instead of two)."""
         self._check_not_advanced()
-        targets = self.targets if only is None else only
-        projected = {t.name: t.weight for t in targets if outputs and output_gram_is_cheaper(t.shape)}
-        with GramCollector({t.name: t.module for t in targets}, projected) as collector:
+        with GramCollector({t.name: t.module for t in (self.targets if only is None else only)}) as collector:
             for i, inp in enumerate(self.inputs):
                 out = self._run(inp)
                 if block_final:

@@ -200,25 +200,3 @@ def test_keep_gives_the_leading_singular_vectors_and_the_whole_spectrum(out_feat
     torch.testing.assert_close(b @ a, b_full @ a_full, rtol=0, atol=1e-9)
     with pytest.raises(ValueError):
         kept.factors(w, 8)
-
-
-@pytest.mark.parametrize("scaled", [False, True])
-def test_the_output_gram_route_equals_the_input_gram_route(scaled):
-    """Given W·G·Wᵀ itself (the Gram of the outputs), the same spectrum, vectors and factors."""
-    w, x = _random_problem(out_features=16, in_features=40)
-    gram = x.T @ x
-    scale = torch.linspace(0.5, 2.0, 16, dtype=torch.float64) if scaled else None
-    ref = whitened_decomposition(w, gram=gram, scale=scale)
-    got = whitened_decomposition(w, output_gram=w @ gram @ w.T, scale=scale)
-    top = float(ref.sv[0])
-    torch.testing.assert_close(got.sv, ref.sv, rtol=0, atol=1e-9 * top)
-    values = whitened_decomposition(w, output_gram=w @ gram @ w.T, scale=scale, values_only=True)
-    torch.testing.assert_close(values.sv, ref.sv, rtol=0, atol=1e-9 * top)
-    kept = whitened_decomposition(w, output_gram=w @ gram @ w.T, scale=scale, keep=6)
-    assert kept.u.shape == (16, 6)
-    for d in (got, kept):
-        b, a = d.factors(w, 6, torch.float64)
-        b_ref, a_ref = ref.factors(w, 6, torch.float64)
-        torch.testing.assert_close(b @ a, b_ref @ a_ref, rtol=0, atol=1e-9 * float(w.abs().max()))
-    with pytest.raises(ValueError, match="16×16"):
-        whitened_decomposition(w, output_gram=gram)

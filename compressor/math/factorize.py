@@ -86,35 +86,25 @@ def whitened_decomposition(
     scale: torch.Tensor | None = None,
     values_only: bool = False,
     keep: int | None = None,
-    output_gram: torch.Tensor | None = None,
 ) -> Decomposition:
     """Decompose M = W·S, or D·W·S with ``scale`` = diag(D) > 0; pass the Gram G = XᵀX, an already
-    computed root S (shared by q/k/v), or both; or ``output_gram``, the Gram of the outputs
-    W·G·Wᵀ = YᵀY itself. ``values_only``: the spectrum without singular vectors; ``keep``: only the
-    leading singular vectors up to that rank (the spectrum stays whole).
+    computed root S (shared by q/k/v), or both. ``values_only``: the spectrum without singular vectors;
+    ``keep``: only the leading singular vectors up to that rank (the spectrum stays whole).
 
     Computed from the eigendecomposition of the smaller of M·Mᵀ and MᵀM, 3-6x faster than an SVD of
     M. For out ≤ in that is M·Mᵀ = D·W·G·Wᵀ·D, which needs no root at all; its eigenvectors are U
     and its eigenvalues σ², accurate to ~1e-16·σ₁², far below any truncation error. For out > in,
     MᵀM = V·Σ²·Vᵀ and U is the orthonormal factor of M·V (QR: robust where σ vanishes).
     """
-    if root is None and gram is None and output_gram is None:
-        raise ValueError("whitened_decomposition needs a gram, its root or the output gram")
-    out, inp = weight.shape
-    if scale is not None:
-        scale = _check_finite(scale.to("cpu", torch.float64), "output scale")
-        if scale.shape != (out,) or not bool((scale > 0).all()):
-            raise ValueError(f"output scale must be {out} positive values")
-    if output_gram is not None:
-        if output_gram.shape != (out, out):
-            raise ValueError(f"output gram must be {out}×{out}, got {tuple(output_gram.shape)}")
-        left = _check_finite(output_gram.to("cpu", torch.float64), "output Gram matrix")
-        if scale is not None:
-            left = scale[:, None] * left * scale[None, :]
-        return _from_left_gram(left, scale, values_only, keep)
+    if root is None and gram is None:
+        raise ValueError("whitened_decomposition needs a gram or its root")
     w = _check_finite(weight.detach().to("cpu", torch.float64), "weight")
     if scale is not None:
+        scale = _check_finite(scale.to("cpu", torch.float64), "output scale")
+        if scale.shape != (w.shape[0],) or not bool((scale > 0).all()):
+            raise ValueError(f"output scale must be {w.shape[0]} positive values")
         w = scale[:, None] * w
+    out, inp = w.shape
     if out <= inp and gram is not None:
         g = _check_finite(gram.to("cpu", torch.float64), "Gram matrix")
         left = w @ g @ w.T
