@@ -17,6 +17,7 @@ from compressor.calibration.sources import CalibrationSet, load_calibration, tok
 from compressor.errors import InvalidInputError, UsageError
 from compressor.evaluate import PerplexityResult, perplexity
 from compressor.loading import LoadedModel, load_model
+from compressor.math.spectra import all_finite
 from compressor.pipeline import CALIBRATION_BATCH, collect_grams_whole_model, iterate_blocks
 from compressor.precision import resolve_calib_dtype
 from compressor.progress import track
@@ -307,7 +308,7 @@ def verify(
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():
                     tensor = f.get_tensor(key)
-                    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    if tensor.is_floating_point() and not all_finite(tensor):
                         raise NumericalError(f"{file.name}: tensor {key} contains NaN or Inf")
                     shapes[key] = tuple(tensor.shape)
                     count += 1

@@ -291,3 +291,22 @@ def test_discarded_energy():
     assert allocate.discarded_energy(e, 0) == 7.5
     assert allocate.discarded_energy(e, 2) == 1.5
     assert allocate.discarded_energy(e, 4) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_all_finite_agrees_with_the_elementwise_test(dtype):
+    big = torch.finfo(dtype).max
+    cases = [
+        torch.randn(50, 40).to(dtype),
+        torch.full((8,), big, dtype=dtype),  # finite, but its sum overflows
+        torch.tensor([1.0, -big, -big], dtype=dtype),
+        torch.empty(0, 3, dtype=dtype),
+    ]
+    for bad in (math.nan, math.inf, -math.inf):
+        t = torch.randn(30, 30).to(dtype)
+        t[7, 11] = bad
+        cases.append(t)
+    pair = torch.tensor([math.inf, -math.inf], dtype=dtype)  # a sum of NaN from two infinities
+    cases.append(pair)
+    for t in cases:
+        assert spectra.all_finite(t) is bool(torch.isfinite(t).all())

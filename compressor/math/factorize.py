@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from compressor.errors import NumericalError
-from compressor.math.spectra import _check_finite, gram_root
+from compressor.math.spectra import _check_finite, all_finite, gram_root
 
 
 @dataclass
@@ -65,7 +65,7 @@ class Decomposition:
             b = self.u[:, :rank].to(torch.float64) * root
             a = root[:, None] * self.vh[:rank].to(torch.float64)
         b, a = b.to(dtype).contiguous(), a.to(dtype).contiguous()
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        if not (all_finite(a) and all_finite(b)):
             raise NumericalError("factorization produced NaN or Inf")
         return b, a
 
