@@ -29,6 +29,7 @@ class Gram:
     dim: int
     tokens: int = 0
     _upper: torch.Tensor | None = field(default=None, repr=False)  # CPU: the upper block triangle
+    _means: list[torch.Tensor] = field(default_factory=list, repr=False)  # CPU: √n·μ of batches not yet summed in
     _device_sum: torch.Tensor | None = field(default=None, repr=False)
     _matrix: torch.Tensor | None = field(default=None, repr=False)
 
@@ -47,8 +48,12 @@ class Gram:
         self._matrix = None
         if n == 0:
             return
-        mean = rows.sum(0, dtype=torch.float64) / n
+        mean = rows.sum(0).to(torch.float64) / n
         centered = rows - mean.to(torch.float32)
+        device = rows.device.type
+        if torch.is_autocast_enabled(device):
+            # cast once here, rather than each block product casting its own slices
+            centered = centered.to(torch.get_autocast_dtype(device))
         root = mean * math.sqrt(n)  # n·μμᵀ as (√n·μ)(√n·μ)ᵀ: each entry a product of two factors, bit-symmetric
         if rows.device.type != "cpu":
             # On an accelerator a full product is cheap; keep the sum there in float64.
@@ -60,9 +65,8 @@ class Gram:
                 self._upper = torch.zeros(self.dim, self.dim, dtype=torch.float64)
         step = self._block_width
         for i in range(0, self.dim, step):
-            block = self._upper[i : i + step, i:]
-            block += centered[:, i : i + step].T @ centered[:, i:]
-            block.addr_(root[i : i + step], root[i:])
+            self._upper[i : i + step, i:] += centered[:, i : i + step].T @ centered[:, i:]
+        self._means.append(root)  # summed in by `matrix`, all batches in one product
 
     @property
     def _block_width(self) -> int:
@@ -85,7 +89,11 @@ class Gram:
         else:
             total = self._upper
             step = self._block_width
+            means = torch.stack(self._means) if self._means else None
+            self._means.clear()
             for i in range(0, self.dim, step):
+                if means is not None:
+                    total[i : i + step, i:] += means[:, i : i + step].T @ means[:, i:]
                 total[i + step :, i : i + step] = total[i : i + step, i + step :].T
                 diagonal = total[i : i + step, i : i + step]  # its two triangles may differ in the last bit
                 upper = torch.triu_indices(*diagonal.shape, 1)
