@@ -42,18 +42,17 @@ class Gram:
         here, each batch's product rounded to 8 significant bits before the float64 sum), and its
         rounding then scales with the spread of the rows rather than with their common offset.
         """
-        rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        rows = x.detach().reshape(-1, x.shape[-1])
         n = rows.shape[0]
         self.tokens += n
         self._matrix = None
         if n == 0:
             return
-        mean = rows.sum(0).to(torch.float64) / n
-        centered = rows - mean.to(torch.float32)
-        device = rows.device.type
-        if torch.is_autocast_enabled(device):
-            # cast once here, rather than each block product casting its own slices
-            centered = centered.to(torch.get_autocast_dtype(device))
+        mean = rows.sum(0, dtype=torch.float32).to(torch.float64) / n
+        # float32, each block product's slices cast by autocast: casting it once to bfloat16 here
+        # was as fast, but its products held ~0.1 GiB more at the peak of a pass (oneDNN's way
+        # with them; benchmarks/factorize_memory.py)
+        centered = rows.to(torch.float32) - mean.to(torch.float32)
         root = mean * math.sqrt(n)  # n·μμᵀ as (√n·μ)(√n·μ)ᵀ: each entry a product of two factors, bit-symmetric
         if rows.device.type != "cpu":
             # On an accelerator a full product is cheap; keep the sum there in float64.
