@@ -48,11 +48,12 @@ class Gram:
         self._matrix = None
         if n == 0:
             return
-        mean = rows.sum(0, dtype=torch.float32).to(torch.float64) / n
         # float32, each block product's slices cast by autocast: casting it once to bfloat16 here
         # was as fast, but its products held ~0.1 GiB more at the peak of a pass (oneDNN's way
         # with them; benchmarks/factorize_memory.py)
-        centered = rows.to(torch.float32) - mean.to(torch.float32)
+        centered = rows.to(torch.float32, copy=True)  # centered in place: the one new tensor
+        mean = centered.sum(0).to(torch.float64) / n
+        centered -= mean.to(torch.float32)
         root = mean * math.sqrt(n)  # n·μμᵀ as (√n·μ)(√n·μ)ᵀ: each entry a product of two factors, bit-symmetric
         if rows.device.type != "cpu":
             # On an accelerator a full product is cheap; keep the sum there in float64.
