@@ -1,12 +1,13 @@
-"""How far bfloat16 Gram products move the whitened spectra, with and without centering.
+"""How far bfloat16 Gram products move the whitened spectra, and how much centering would help.
 
     python benchmarks/gram_precision.py [--windows 8] [--blocks 0 15 29]
 
 In a bfloat16 calibration pass the Gram products are bfloat16 (autocast reaches the products
 inside the collecting hooks), each batch's product rounded to 8 significant bits. For every
 target of the chosen SmolLM2 blocks this collects its Gram three ways over the same inputs:
-as the tool does (rows centered, bfloat16 products), uncentered with bfloat16 products (the
-tool before centering), and with float32 products (the reference); then it prints the
+as the tool does (bfloat16 products of the rows), with each batch's rows centered on their
+mean first (bfloat16 products of the centered rows, the mean's part n·μμᵀ added in float64;
+measured, not taken: see the README), and with float32 products (the reference); then it prints the
 relative difference of the whitened energy beyond rank ⌊0.55·min(out, in)⌋ from the
 reference's, and how far the leading subspace of that rank moved (Frobenius norm of the
 difference of the two projectors; 0 = the same subspace).
@@ -38,28 +39,26 @@ def main() -> None:
     from compressor.targets import select_targets
 
     bound_kernel_caches()
-    centered_add = grams.Gram.add
+    tool_add = grams.Gram.add
 
-    def uncentered_add(self, x: torch.Tensor) -> None:
-        rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-        self.tokens += rows.shape[0]
-        self._matrix = None
-        if self._upper is None:
-            with torch.inference_mode(False):
-                self._upper = torch.zeros(self.dim, self.dim, dtype=torch.float64)
-        step = self._block_width
-        for i in range(0, self.dim, step):
-            self._upper[i : i + step, i:] += rows[:, i : i + step].T @ rows[:, i:]
+    def centered_add(self, x: torch.Tensor) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float32, copy=True)
+        n = rows.shape[0]
+        mean = rows.sum(0).to(torch.float64) / n
+        rows -= mean.to(torch.float32)
+        tool_add(self, rows)
+        root = mean * n**0.5
+        self._upper.addr_(root, root)  # all of it: `matrix` overwrites the lower blocks from the upper ones
 
     def float32_add(self, x: torch.Tensor) -> None:
         with torch.autocast("cpu", enabled=False):
-            centered_add(self, x)
+            tool_add(self, x)
 
     loaded = load_model("smollm2-135m")
     model = loaded.model
     calibration = load_calibration(str(DATA / "wikitext2-valid.txt"), loaded.tokenizer, samples=args.windows, seq_len=512, seed=0)
     targets = [t for t in select_targets(model) if t.block_index in args.blocks]
-    ways = {"centered (the tool)": centered_add, "uncentered": uncentered_add, "float32 (reference)": float32_add}
+    ways = {"the tool": tool_add, "centered": centered_add, "float32 (reference)": float32_add}
     print("| block | target | rank | " + " | ".join(f"{w}: tail, subspace" for w in ways if "reference" not in w) + " |")
     print("|---|---|---|---|---|")
     for step in iterate_blocks(model, calibration.batches(2), targets, "blocks", torch.bfloat16):
@@ -69,7 +68,7 @@ def main() -> None:
             try:
                 collected[way] = step.collect_grams()
             finally:
-                grams.Gram.add = centered_add
+                grams.Gram.add = tool_add
         for t in step.targets:
             ref = _decompose_block([t], collected["float32 (reference)"])[t.name]
             rank = int(0.55 * min(t.shape))

@@ -1,9 +1,10 @@
 """Input Gram matrices XᵀX of target modules, accumulated over calibration batches.
 
-Modules fed the very same input tensor (q/k/v, gate/up) share one Gram. Each batch's rows
-are centered on their mean, their product formed (in the pass's autocast dtype, see
-:meth:`Gram.add`) and summed with the mean's part in a float64 accumulator; activations are
-never all held in memory. On the CPU only the upper block triangle is multiplied (GRAM_BLOCKS
+Modules fed the very same input tensor (q/k/v, gate/up) share one Gram. Each batch's
+XᵀX is summed into a float64 accumulator; activations are never all held in memory. The
+product itself runs in the pass's precision: under bfloat16 autocast (which reaches the
+products in these hooks) it is a bfloat16 product, rounded to 8 significant bits per batch
+(``benchmarks/gram_precision.py`` measures what that does to the whitened spectra). On the CPU only the upper block triangle is multiplied (GRAM_BLOCKS
 column blocks: 5/8 of a full product's work for 4 blocks), with torch's own BLAS. SciPy's
 ``syrk`` does half the work, but its BLAS threads keep spinning after each call and halve
 the speed of the forward passes between them on a small machine (measured 2.2x slower).
@@ -29,35 +30,16 @@ class Gram:
     dim: int
     tokens: int = 0
     _upper: torch.Tensor | None = field(default=None, repr=False)  # CPU: the upper block triangle
-    _means: list[torch.Tensor] = field(default_factory=list, repr=False)  # CPU: √n·μ of batches not yet summed in
     _device_sum: torch.Tensor | None = field(default=None, repr=False)
     _matrix: torch.Tensor | None = field(default=None, repr=False)
 
     def add(self, x: torch.Tensor) -> None:
-        """Add the rows of ``x`` (any leading shape).
-
-        The rows are centered on their mean μ first, and XᵀX = CᵀC + n·μμᵀ with C = X − 1·μᵀ: the
-        mean's part is added in float64, and only CᵀC is a matrix product. Under autocast that
-        product runs in autocast's dtype (bfloat16 in a calibration pass: 4x the float32 rate
-        here, each batch's product rounded to 8 significant bits before the float64 sum), and its
-        rounding then scales with the spread of the rows rather than with their common offset.
-        """
-        rows = x.detach().reshape(-1, x.shape[-1])
-        n = rows.shape[0]
-        self.tokens += n
+        rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        self.tokens += rows.shape[0]
         self._matrix = None
-        if n == 0:
-            return
-        # Float32, each block product's slices cast by autocast. Cast once to bfloat16 here, the
-        # products were as fast, but pass 1 peaked higher (benchmarks/factorize_memory.py: 0.82
-        # GiB at 95885ae against 0.70 GiB at 5ecf535).
-        centered = rows.to(torch.float32, copy=True)  # centered in place: the one new tensor
-        mean = centered.sum(0).to(torch.float64) / n
-        centered -= mean.to(torch.float32)
-        root = mean * math.sqrt(n)  # n·μμᵀ as (√n·μ)(√n·μ)ᵀ: each entry a product of two factors, bit-symmetric
         if rows.device.type != "cpu":
-            # On an accelerator a full product is cheap; keep the sum there in float64.
-            product = (centered.T @ centered).to(torch.float64).addr_(root, root)
+            # On an accelerator a full float32 matmul is cheap; keep the sum there in float64.
+            product = (rows.T @ rows).to(torch.float64)
             self._device_sum = product if self._device_sum is None else self._device_sum + product
             return
         if self._upper is None:
@@ -65,8 +47,7 @@ class Gram:
                 self._upper = torch.zeros(self.dim, self.dim, dtype=torch.float64)
         step = self._block_width
         for i in range(0, self.dim, step):
-            self._upper[i : i + step, i:] += centered[:, i : i + step].T @ centered[:, i:]
-        self._means.append(root)  # summed in by `matrix`, all batches in one product
+            self._upper[i : i + step, i:] += rows[:, i : i + step].T @ rows[:, i:]
 
     @property
     def _block_width(self) -> int:
@@ -89,15 +70,8 @@ class Gram:
         else:
             total = self._upper
             step = self._block_width
-            means = torch.stack(self._means) if self._means else None
-            self._means.clear()
             for i in range(0, self.dim, step):
-                if means is not None:
-                    total[i : i + step, i:] += means[:, i : i + step].T @ means[:, i:]
                 total[i + step :, i : i + step] = total[i : i + step, i + step :].T
-                diagonal = total[i : i + step, i : i + step]  # its two triangles may differ in the last bit
-                upper = torch.triu_indices(*diagonal.shape, 1)
-                diagonal[upper[1], upper[0]] = diagonal[upper[0], upper[1]]
         if self._device_sum is not None:
             total = total + self._device_sum.cpu()
         self._matrix = total
