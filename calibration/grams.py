@@ -3,8 +3,9 @@
 Modules fed the very same input tensor (q/k/v, gate/up) share one Gram. Each batch's
 XᵀX is summed into a float64 accumulator; activations are never all held in memory. The
 product itself runs in the pass's precision: under bfloat16 autocast (which reaches the
-products in these hooks) it is a bfloat16 product, rounded to 8 significant bits per batch
-(``benchmarks/gram_precision.py`` measures what that does to the whitened spectra). On the CPU only the upper block triangle is multiplied (GRAM_BLOCKS
+products in these hooks) it is a bfloat16 product, rounded to 8 significant bits per
+batch (``benchmarks/gram_precision.py`` measures what that does to the whitened spectra).
+On the CPU only the upper block triangle is multiplied (GRAM_BLOCKS
 column blocks: 5/8 of a full product's work for 4 blocks), with torch's own BLAS. SciPy's
 ``syrk`` does half the work, but its BLAS threads keep spinning after each call and halve
 the speed of the forward passes between them on a small machine (measured 2.2x slower).
