@@ -217,3 +217,21 @@ def test_the_loop_writes_each_blocks_outputs_into_its_inputs_tensors(fixture, re
         pointers.append([inp.hidden.data_ptr() for inp in step.inputs])
         step.collect_grams(block_final=step.index % 2 == 0)  # both ways of advancing
     assert len(pointers) == LAYERS and all(p == pointers[0] for p in pointers)
+
+
+def test_products_follow_the_pass_precision():
+    """What the README states: under bfloat16 autocast the Gram's products are bfloat16 (rounded
+    per batch), otherwise float32; the float64 sum is the same either way."""
+    g = torch.Generator().manual_seed(0)
+    x = 50 + torch.randn(1024, 32, generator=g)
+    exact = x.double().T @ x.double()
+    plain, lowered = Gram(modules=["m"], dim=32), Gram(modules=["m"], dim=32)
+    plain.add(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lowered.add(x)
+
+    def relative(m):
+        return float((m - exact).abs().max() / exact.abs().max())
+
+    assert relative(plain.matrix) < 1e-5  # float32 sums of 1024 products
+    assert 1e-4 < relative(lowered.matrix) < 2 ** -7  # rounded to 8 significant bits, no worse
