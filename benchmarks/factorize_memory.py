@@ -26,24 +26,24 @@ from factorize_run import add_run_arguments, factorize_argv
 START = time.perf_counter()
 
 
-def _status_gb(field: str) -> float:
+def _status_gib(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024**2
     return float("nan")
 
 
-def resident_gb() -> float:
-    return _status_gb("VmRSS")
+def resident_gib() -> float:
+    return _status_gib("VmRSS")
 
 
-def peak_gb() -> float:
+def peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
-def phase_peak_gb() -> float:
+def phase_peak_gib() -> float:
     """The resident set's high-water mark since the last reset_phase_peak() (VmHWM)."""
-    return _status_gb("VmHWM")
+    return _status_gib("VmHWM")
 
 
 def reset_phase_peak() -> None:
@@ -57,10 +57,10 @@ _highest = [0.0]  # resetting VmHWM also resets ru_maxrss, so the run's peak is 
 
 
 def report(label: str) -> None:
-    phase = phase_peak_gb()
-    _highest[0] = max(_highest[0], phase, peak_gb())
-    print(f"[{time.perf_counter() - START:6.1f} s] {label:<28} resident {resident_gb():.2f} GiB "
-          f"(anonymous {_status_gb('RssAnon'):.2f}, files {_status_gb('RssFile'):.2f}), "
+    phase = phase_peak_gib()
+    _highest[0] = max(_highest[0], phase, peak_gib())
+    print(f"[{time.perf_counter() - START:6.1f} s] {label:<28} resident {resident_gib():.2f} GiB "
+          f"(anonymous {_status_gib('RssAnon'):.2f}, files {_status_gib('RssFile'):.2f}), "
           f"peak {_highest[0]:.2f} GiB, peak in phase {phase:.2f} GiB", flush=True)
 
 

@@ -16,7 +16,6 @@ difference of the two projectors; 0 = the same subspace).
 from __future__ import annotations
 
 import argparse
-import contextlib
 from pathlib import Path
 
 import torch
@@ -82,8 +81,6 @@ def main() -> None:
                 moved = torch.linalg.matrix_norm(d.u[:, :rank] @ d.u[:, :rank].T - ref.u[:, :rank] @ ref.u[:, :rank].T)
                 cells.append(f"{(tail - tail_ref) / tail_ref:+.2%}, {float(moved):.2f}")
             print(f"| {step.index} | {t.layer_type} | {rank} | " + " | ".join(cells) + " |", flush=True)
-        with contextlib.suppress(Exception):
-            collected.clear()
 
 
 if __name__ == "__main__":
