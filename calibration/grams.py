@@ -130,8 +130,9 @@ class GramCollector:
                 yield gram
 
 
-def gram_roots(grams: Mapping[str, Gram], names: Iterable[str]) -> dict[str, torch.Tensor]:
-    """The whitening root S (S·Sᵀ = XᵀX) of each named module, one decomposition per shared Gram."""
+def gram_roots(grams: Mapping[str, Gram], names: Iterable[str], dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """The whitening root S (S·Sᵀ = XᵀX) of each named module, one decomposition per shared Gram,
+    computed in ``dtype``."""
     from compressor.math.spectra import gram_root
 
     by_gram: dict[int, torch.Tensor] = {}
@@ -139,6 +140,6 @@ def gram_roots(grams: Mapping[str, Gram], names: Iterable[str]) -> dict[str, tor
     for name in names:
         gram = grams[name]
         if id(gram) not in by_gram:
-            by_gram[id(gram)] = gram_root(gram.matrix)
+            by_gram[id(gram)] = gram_root(gram.matrix, dtype)
         roots[name] = by_gram[id(gram)]
     return roots

@@ -249,6 +249,7 @@ def _save_factorized(
         "alloc": done.alloc,
         "sequential": done.sequential,
         "calib_dtype": done.calib_dtype,
+        **({"fisher_windows": done.fisher_windows} if done.needs_fisher else {}),
         "target": options.target,
         "kept_fraction": outcome.plan.kept_fraction,
         "calibration": calibration_info,

@@ -246,6 +246,15 @@ def factorize_command(
             "produce, a second calibration pass. One-shot: whiten every block on the original inputs.",
         ),
     ] = True,
+    fisher_windows: Annotated[
+        int,
+        typer.Option(
+            "--fisher-windows",
+            min=1,
+            help="Calibration windows of the loss-gradient (output-Fisher) pass of --method fisher and --alloc global: "
+            "more estimate the loss's sensitivity better, each costs about a second and a half on a small CPU.",
+        ),
+    ] = 16,  # factorize.SENSITIVITY_WINDOWS (tests check the two agree)
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the rank plan and sizes; write nothing.")] = False,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
@@ -260,7 +269,9 @@ def factorize_command(
     from compressor.factorize import FactorizeOptions
     from compressor.report import factorize_summary, write_json
 
-    options = FactorizeOptions(target=target, method=method, alloc=alloc, sequential=sequential, calib_dtype=calib_dtype)
+    options = FactorizeOptions(
+        target=target, method=method, alloc=alloc, sequential=sequential, calib_dtype=calib_dtype, fisher_windows=fisher_windows
+    )
     options.validate()
     check_sizes(calib_samples, seq_len)
     if options.needs_calibration:

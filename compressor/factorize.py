@@ -24,7 +24,7 @@ from compressor.errors import UsageError
 from compressor.math import allocate
 from compressor.math.factorize import Decomposition, svd_decomposition, whitened_decomposition
 from compressor.pipeline import CALIBRATION_BATCH, iterate_blocks
-from compressor.precision import check_calib_dtype, resolve_calib_dtype
+from compressor.precision import check_calib_dtype, decomposition_dtype, resolve_calib_dtype
 from compressor.progress import track
 from compressor.residency import Spill, release
 from compressor.sensitivity import fisher_scale, layer_sensitivities, output_fisher
@@ -45,6 +45,7 @@ class FactorizeOptions:
     sequential: bool = True
     floor_fraction: float = 0.5  # global allocation: no matrix below this share of its uniform rank
     calib_dtype: str = "auto"  # matmul dtype of the calibration passes (precision.resolve_calib_dtype)
+    fisher_windows: int = SENSITIVITY_WINDOWS  # calibration windows of the output-Fisher pass (at most all of them)
 
     def validate(self) -> None:
         allocate.check_target(self.target)
@@ -53,6 +54,8 @@ class FactorizeOptions:
         if self.alloc not in ALLOCATIONS:
             raise UsageError(f"unknown --alloc {self.alloc!r}; choose one of {', '.join(ALLOCATIONS)}")
         check_calib_dtype(self.calib_dtype)
+        if self.fisher_windows < 1:
+            raise UsageError(f"--fisher-windows must be at least 1, got {self.fisher_windows}")
         if not 0 <= self.floor_fraction <= 1:
             raise UsageError(f"floor fraction must be in [0, 1], got {self.floor_fraction}")
 
@@ -185,13 +188,14 @@ def _decompose_block(
     scales: Scales | None = None,
     values_only: bool = False,
     keep: dict[str, int] | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> dict[str, Decomposition]:
     """``keep``: per target, the highest rank whose singular vectors are needed (default: all that
-    can save parameters)."""
+    can save parameters); ``dtype``: of the whitened decompositions."""
     if grams is None:
         return {t.name: svd_decomposition(t.weight()) for t in targets}
     # Only a matrix with more outputs than inputs needs the whitening root (whitened_decomposition).
-    roots = gram_roots(grams, [t.name for t in targets if t.shape[0] > t.shape[1]])
+    roots = gram_roots(grams, [t.name for t in targets if t.shape[0] > t.shape[1]], dtype)
     return {
         t.name: whitened_decomposition(
             t.weight(),
@@ -200,6 +204,7 @@ def _decompose_block(
             scale=None if scales is None else scales[t.name],
             values_only=values_only,
             keep=allocate.max_factored_rank(t.shape) if keep is None else keep[t.name],
+            dtype=dtype,
         )
         for t in targets
     }
@@ -231,7 +236,7 @@ def decompose_all(
     batches = calibration.batches(CALIBRATION_BATCH)
     for step in iterate_blocks(model, batches, targets, "calibrating, decomposing", compute_dtype):
         grams = step.collect_grams(block_final=True)
-        for name, d in _decompose_block(step.targets, grams, scales, values_only).items():
+        for name, d in _decompose_block(step.targets, grams, scales, values_only, dtype=decomposition_dtype(compute_dtype)).items():
             shape = next(t.shape for t in step.targets if t.name == name)
             decompositions[name] = kept(d, shape)
     return decompositions
@@ -282,7 +287,8 @@ def factor_targets(
         factored = [t for t in step.targets if by_name[t.name].rank is not None]
         ranks = {t.name: by_name[t.name].rank for t in factored}
         if factored:  # a block whose targets all stay dense needs no statistics
-            factor(factored, _decompose_block(factored, step.collect_grams(only=factored), scales, keep=ranks))
+            grams = step.collect_grams(only=factored)
+            factor(factored, _decompose_block(factored, grams, scales, keep=ranks, dtype=decomposition_dtype(compute_dtype)))
     return errors
 
 
@@ -336,7 +342,9 @@ def factorize_model(
     options = replace(options, calib_dtype=str(ran_in).removeprefix("torch."))  # recorded as what ran
     if options.needs_fisher and fisher is None:
         if _has_lm_head(model):
-            fisher = output_fisher(model, targets, calibration.batches(1)[:SENSITIVITY_WINDOWS], compute_dtype)
+            windows = calibration.batches(1)[: options.fisher_windows]
+            options = replace(options, fisher_windows=len(windows))  # recorded as what ran
+            fisher = output_fisher(model, targets, windows, compute_dtype)
         else:
             log.warning("%s has no language-model head to take loss gradients from: %s", type(model).__name__,
                         "--method fisher falls back to whiten, --alloc global to relative errors")

@@ -36,7 +36,8 @@ def resolve_calib_dtype(name: str, model: nn.Module) -> torch.dtype | None:
     ``auto`` is bfloat16 autocast for a float32 model on hardware with native bfloat16 matmul
     (4-5x the float32 rate on AVX512-BF16 CPUs), else the model's dtype. Weights, Grams and
     decompositions stay in float32/float64 either way; only the activations carry bfloat16
-    rounding (relative 2⁻⁹), far below the truncation errors being measured.
+    rounding (relative 2⁻⁹), far below the truncation errors being measured; decompositions of
+    their Grams then run in float32 (:func:`decomposition_dtype`).
     """
     check_calib_dtype(name)
     param = next(model.parameters())
@@ -45,6 +46,12 @@ def resolve_calib_dtype(name: str, model: nn.Module) -> torch.dtype | None:
     if name == "bfloat16" or _fast_bfloat16(param.device):
         return torch.bfloat16
     return None
+
+
+def decomposition_dtype(compute_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype to decompose Grams in: float32 where the passes (and so the Grams' products) ran in
+    a 16-bit dtype, whose rounding float64 could not undo; float64 otherwise."""
+    return torch.float32 if compute_dtype in (torch.bfloat16, torch.float16) else torch.float64
 
 
 def autocast_to(model: nn.Module, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

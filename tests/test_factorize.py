@@ -215,7 +215,23 @@ def test_factorize_usage_errors_fail_before_loading(tmp_path, text_file):
     assert run(["factorize", missing, "--target", "0.5", "--alloc", "magic", "-o", str(tmp_path / "o")]) == 2
     assert run(["factorize", missing, "--target", "0.5", "--method", "qr", "-o", str(tmp_path / "o")]) == 2
     assert run(["factorize", missing, "--target", "0.5"]) == 2  # no -o and no --dry-run
+    assert run(["factorize", missing, "--target", "0.5", "--fisher-windows", "0", "-o", str(tmp_path / "o")]) == 2
     assert run(["factorize", missing, "--target", "0.5", "--calib", str(tmp_path / "x.txt"), "-o", str(tmp_path / "o")]) == 3
+
+
+def test_fisher_windows_are_recorded_as_run(tiny_llama, text_file, tmp_path):
+    import inspect
+
+    from compressor.cli import factorize_command
+    from compressor.factorize import SENSITIVITY_WINDOWS
+
+    assert inspect.signature(factorize_command).parameters["fisher_windows"].default == SENSITIVITY_WINDOWS
+    common = ["--target", "0.5", "--calib", str(text_file), "--calib-samples", "4", "--seq-len", "16"]
+    for asked, ran in (("2", 2), ("9", 4)):  # at most the calibration windows
+        out = tmp_path / asked
+        assert run(["factorize", str(tiny_llama.path), *common, "--fisher-windows", asked, "-o", str(out)]) == 0
+        qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert qconfig["fisher_windows"] == ran
 
 
 def test_plain_svd_needs_no_calibration(tiny_bert, tmp_path):

@@ -200,3 +200,26 @@ def test_keep_gives_the_leading_singular_vectors_and_the_whole_spectrum(out_feat
     torch.testing.assert_close(b @ a, b_full @ a_full, rtol=0, atol=1e-9)
     with pytest.raises(ValueError):
         kept.factors(w, 8)
+
+
+@pytest.mark.parametrize("out_features", [24, 48])  # both eigen routes
+def test_float32_decomposition_is_near_the_float64_optimum(out_features):
+    from compressor.precision import decomposition_dtype
+
+    assert decomposition_dtype(torch.bfloat16) == torch.float32
+    assert decomposition_dtype(None) == decomposition_dtype(torch.float32) == torch.float64
+    w, x = _random_problem(out_features=out_features)
+    gram = x.T @ x
+    scale = torch.linspace(0.5, 2.0, out_features, dtype=torch.float64)
+    exact = whitened_decomposition(w, gram=gram, scale=scale)
+    fast = whitened_decomposition(w, gram=gram, scale=scale, dtype=torch.float32)
+    assert fast.sv.dtype == torch.float64 and fast.u.dtype == torch.float32
+    top = float(exact.sv[0])
+    # eigenvalues σ² err by float32 rounding of the largest (so a tiny σ may err by far more, relatively)
+    torch.testing.assert_close(fast.energies, exact.energies, rtol=0, atol=1e-5 * top**2)
+    for rank in (2, 8, 16):
+        b, a = fast.factors(w, rank, torch.float64)
+        measured = torch.linalg.matrix_norm(scale[:, None] * (w - b @ a) @ x.T) ** 2
+        optimum = exact.discarded(rank)
+        # never below the float64 optimum, and above it by float32 rounding only
+        assert optimum * (1 - 1e-9) <= measured.item() <= optimum * (1 + 1e-4) + 1e-9 * top**2

@@ -32,15 +32,16 @@ def singular_values(weight: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(w)
 
 
-def gram_root(gram: torch.Tensor) -> torch.Tensor:
+def gram_root(gram: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """S with S·Sᵀ = XᵀX.
 
     The Cholesky factor when XᵀX is numerically positive definite (fast); otherwise, for
     rank-deficient or slightly indefinite Grams (eigenvalue ratios of 1e-8 occur in real
     models), Q·Λ^½ from an eigendecomposition with negative eigenvalues floored at 0, which
     always exists. Any S with S·Sᵀ = XᵀX gives the same whitened spectrum and subspaces.
+    ``dtype``: of the computation and the result.
     """
-    g = _check_finite(gram.to(torch.float64), "Gram matrix")
+    g = _check_finite(gram.to(dtype), "Gram matrix")
     g = (g + g.T) / 2
     factor, info = torch.linalg.cholesky_ex(g)
     if info.item() == 0 and all_finite(factor):
