@@ -16,7 +16,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default="0.8")
     parser.add_argument("--calib", default=str(DATA / "wikitext2-valid.txt"))
     parser.add_argument("--calib-samples", default="64")
-    parser.add_argument("--extra", nargs="*", default=[], help="more factorize flags, e.g. --one-shot")
+    parser.add_argument("--extra", action="append", default=[],
+                        help="one more factorize flag, as --extra=--one-shot; repeat for more")
 
 
 def factorize_argv(args: argparse.Namespace, output: Path) -> list[str]:

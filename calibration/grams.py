@@ -2,9 +2,10 @@
 
 Modules fed the very same input tensor (q/k/v, gate/up) share one Gram. Each batch's
 XᵀX is summed into a float64 accumulator; activations are never all held in memory. The
-product itself runs in the pass's precision: under bfloat16 autocast (which reaches the
-products in these hooks) it is a bfloat16 product, rounded to 8 significant bits per
-batch (``benchmarks/gram_precision.py`` measures what that does to the whitened spectra).
+product itself runs in the pass's precision: under bfloat16 autocast (active in these hooks)
+the batch's rows are cast to bfloat16 once and the product is a bfloat16 product, rounded to
+8 significant bits per batch (``benchmarks/gram_precision.py`` measures what that does to the
+whitened spectra); outside autocast it is a float32 product.
 On the CPU only the upper block triangle is multiplied (GRAM_BLOCKS
 column blocks: 5/8 of a full product's work for 4 blocks), with torch's own BLAS. SciPy's
 ``syrk`` does half the work, but its BLAS threads keep spinning after each call and halve
@@ -35,7 +36,8 @@ class Gram:
     _matrix: torch.Tensor | None = field(default=None, repr=False)
 
     def add(self, x: torch.Tensor) -> None:
-        rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        rows = x.detach().reshape(-1, x.shape[-1])
+        rows = rows.to(_product_dtype(rows.device.type))  # once, rather than by autocast for every block
         self.tokens += rows.shape[0]
         self._matrix = None
         if rows.device.type != "cpu":
@@ -47,8 +49,9 @@ class Gram:
             with torch.inference_mode(False):  # a normal tensor, so that `matrix` may fill it in place
                 self._upper = torch.zeros(self.dim, self.dim, dtype=torch.float64)
         step = self._block_width
+        left = rows.T  # transposed in the product itself: a contiguous copy was measured slower
         for i in range(0, self.dim, step):
-            self._upper[i : i + step, i:] += rows[:, i : i + step].T @ rows[:, i:]
+            self._upper[i : i + step, i:] += left[i : i + step] @ rows[:, i:]
 
     @property
     def _block_width(self) -> int:
@@ -77,6 +80,13 @@ class Gram:
             total = total + self._device_sum.cpu()
         self._matrix = total
         return total
+
+
+def _product_dtype(device_type: str) -> torch.dtype:
+    """float32, or the autocast dtype where autocast is on: what the products would run in anyway."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.float32
 
 
 class GramCollector:

@@ -242,10 +242,11 @@ def factorize_command(
         bool,
         typer.Option(
             "--sequential/--one-shot",
-            help="Sequential (default): re-whiten each block on the inputs the factored blocks before it "
-            "produce, a second calibration pass. One-shot: whiten every block on the original inputs.",
+            help="One-shot (default): whiten every block on the original model's inputs. Sequential: re-whiten "
+            "each block on the inputs the factored blocks before it produce; a second calibration pass, "
+            "about twice the time, up to 3 % lower perplexity at strong compression.",
         ),
-    ] = True,
+    ] = False,
     fisher_windows: Annotated[
         int,
         typer.Option(
@@ -254,7 +255,7 @@ def factorize_command(
             help="Calibration windows of the loss-gradient (output-Fisher) pass of --method fisher and --alloc global: "
             "more estimate the loss's sensitivity better, each costs about a second and a half on a small CPU.",
         ),
-    ] = 16,  # factorize.SENSITIVITY_WINDOWS (tests check the two agree)
+    ] = 8,  # factorize.SENSITIVITY_WINDOWS (tests check the two agree)
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the rank plan and sizes; write nothing.")] = False,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,

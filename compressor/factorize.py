@@ -3,10 +3,10 @@
 Pass 1 runs the original model block by block and decomposes every target: in the ``fisher``
 metric (whitened by its calibration Gram and weighted per output unit by the loss's mean squared
 gradient, from one backward pass over a few windows), whitened only, or plain. The rank plan
-is made from those spectra. Then either the
-pass-1 decompositions are cut to the plan (one-shot), or, with ``sequential`` (the default,
-measured better), a second pass re-whitens each block on the inputs that the already-factored
-blocks before it produce.
+is made from those spectra. Then either the pass-1 decompositions are cut to the plan
+(one-shot, the default), or, with ``sequential``, a second pass re-whitens each block on the
+inputs that the already-factored blocks before it produce: up to 3 % lower perplexity at strong
+compression, for twice the time (README, *Factorization quality*).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("fisher", "whiten", "svd")
 ALLOCATIONS = ("global", "relative", "uniform", "welore")
-SENSITIVITY_WINDOWS = 16  # windows of the output-Fisher backward pass
+SENSITIVITY_WINDOWS = 8  # windows of the output-Fisher backward pass (16: 2 % lower perplexity, 12 s more on SmolLM2)
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class FactorizeOptions:
     target: float
     method: str = "fisher"
     alloc: str = "global"
-    sequential: bool = True
+    sequential: bool = False
     floor_fraction: float = 0.5  # global allocation: no matrix below this share of its uniform rank
     calib_dtype: str = "auto"  # matmul dtype of the calibration passes (precision.resolve_calib_dtype)
     fisher_windows: int = SENSITIVITY_WINDOWS  # calibration windows of the output-Fisher pass (at most all of them)

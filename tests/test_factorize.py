@@ -131,7 +131,7 @@ def test_factors_are_spilled_to_files_while_factorizing(tiny_llama, text_file, t
     original = compressor.factorize.factorize_model
     compressor.factorize.factorize_model = spy
     try:
-        api.factorize(loaded, FactorizeOptions(0.6), calib=str(text_file), calib_samples=6, seq_len=24, output=tmp_path / "out")
+        api.factorize(loaded, FactorizeOptions(0.6, sequential=True), calib=str(text_file), calib_samples=6, seq_len=24, output=tmp_path / "out")
     finally:
         compressor.factorize.factorize_model = original
     factored = factored_modules(loaded.model)
@@ -370,7 +370,7 @@ def test_sequential_leaves_dense_targets_and_all_dense_blocks_alone(tiny_llama, 
     calibration = _calibration(tiny_llama, text_file)
     model = _fresh(tiny_llama)
     targets = select_targets(model)
-    dry = factorize_model(model, targets, FactorizeOptions(0.5, method="whiten", alloc="uniform"), calibration, dry_run=True)
+    dry = factorize_model(model, targets, FactorizeOptions(0.5, method="whiten", alloc="uniform", sequential=True), calibration, dry_run=True)
     dense = {t.name for t in targets if t.block_index == 1 or t.layer_type == "self_attn.k_proj"}
     plan = replace(dry.plan, modules=[replace(m, rank=None) if m.name in dense else m for m in dry.plan.modules])
     weights = {n: model.get_submodule(n).weight.detach().clone() for n in dense}

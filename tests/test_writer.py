@@ -23,7 +23,10 @@ def _tensors() -> dict[str, torch.Tensor]:
     }
 
 
-def test_reads_back_equal_with_metadata(tmp_path):
+@pytest.mark.parametrize("chunk", [None, 24, 7])  # whole tensors; slices of 24 bytes; of less than an element
+def test_reads_back_equal_with_metadata(tmp_path, monkeypatch, chunk):
+    if chunk is not None:
+        monkeypatch.setattr("compressor.formats.writer.WRITE_CHUNK_BYTES", chunk)
     tensors = _tensors()
     save_file(tensors, tmp_path / "x.safetensors", {"format": "pt"})
     got = load_file(tmp_path / "x.safetensors")

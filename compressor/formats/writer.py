@@ -1,8 +1,9 @@
-"""A safetensors file written one tensor at a time, each tensor's mapped pages released once written.
+"""A safetensors file written one tensor at a time, each tensor's mapped pages released as written.
 
 safetensors' own writer reads every tensor of a shard while it writes; for weights that are
 views of memory-mapped files (the source checkpoint, spilled factors) that makes the whole
-model resident at the end of a run that otherwise held one block at a time. The format is
+model resident at the end of a run that otherwise held one block at a time; even one large
+tensor (SmolLM2's embedding, 113 MB) is released in slices as they are written. The format is
 an 8-byte little-endian header length, the JSON header (padded with spaces to a multiple
 of 8), then the tensors' bytes at the offsets the header gives.
 """
@@ -18,6 +19,8 @@ from contextlib import contextmanager
 import torch
 
 from compressor.residency import release
+
+WRITE_CHUNK_BYTES = 16 << 20  # a tensor is read, written and released this much at a time
 
 _DTYPES = {
     torch.float64: "F64",
@@ -60,8 +63,12 @@ def save_file(tensors: Mapping[str, torch.Tensor], filename: str | os.PathLike[s
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for _, t in items:
-            data = t.detach().to("cpu").contiguous()
-            f.write(data.view(-1).view(torch.uint8).numpy().data)
+            data = t.detach().to("cpu").contiguous().view(-1)
+            step = max(1, WRITE_CHUNK_BYTES // data.element_size())
+            for start in range(0, data.numel(), step):
+                part = data[start : start + step]
+                f.write(part.view(torch.uint8).numpy().data)
+                release([part])
             release([t, data])
 
 
