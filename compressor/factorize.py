@@ -234,9 +234,10 @@ def decompose_all(
         return {t.name: kept(svd_decomposition(t.weight()), t.shape) for t in track(targets, description="decomposing")}
     decompositions = {}
     batches = calibration.batches(CALIBRATION_BATCH)
+    dtype = decomposition_dtype(compute_dtype)
     for step in iterate_blocks(model, batches, targets, "calibrating, decomposing", compute_dtype):
         grams = step.collect_grams(block_final=True)
-        for name, d in _decompose_block(step.targets, grams, scales, values_only, dtype=decomposition_dtype(compute_dtype)).items():
+        for name, d in _decompose_block(step.targets, grams, scales, values_only, dtype=dtype).items():
             shape = next(t.shape for t in step.targets if t.name == name)
             decompositions[name] = kept(d, shape)
     return decompositions
@@ -283,12 +284,12 @@ def factor_targets(
             factor([t], decompositions)
         return errors
     batches = calibration.batches(CALIBRATION_BATCH)
+    dtype = decomposition_dtype(compute_dtype)
     for step in iterate_blocks(model, batches, targets, "sequential factoring", compute_dtype):
         factored = [t for t in step.targets if by_name[t.name].rank is not None]
         ranks = {t.name: by_name[t.name].rank for t in factored}
         if factored:  # a block whose targets all stay dense needs no statistics
-            grams = step.collect_grams(only=factored)
-            factor(factored, _decompose_block(factored, grams, scales, keep=ranks, dtype=decomposition_dtype(compute_dtype)))
+            factor(factored, _decompose_block(factored, step.collect_grams(only=factored), scales, keep=ranks, dtype=dtype))
     return errors
 
 

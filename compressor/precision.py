@@ -34,8 +34,8 @@ def resolve_calib_dtype(name: str, model: nn.Module) -> torch.dtype | None:
     """The matmul dtype of calibration forward passes; None: the model's own dtype.
 
     ``auto`` is bfloat16 autocast for a float32 model on hardware with native bfloat16 matmul
-    (4-5x the float32 rate on AVX512-BF16 CPUs), else the model's dtype. Weights, Grams and
-    decompositions stay in float32/float64 either way; only the activations carry bfloat16
+    (4-5x the float32 rate on AVX512-BF16 CPUs), else the model's dtype. Weights and Grams
+    stay in float32/float64 either way; only the activations carry bfloat16
     rounding (relative 2⁻⁹), far below the truncation errors being measured; decompositions of
     their Grams then run in float32 (:func:`decomposition_dtype`).
     """

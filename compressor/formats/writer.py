@@ -69,7 +69,7 @@ def save_file(tensors: Mapping[str, torch.Tensor], filename: str | os.PathLike[s
                 part = data[start : start + step]
                 f.write(part.view(torch.uint8).numpy().data)
                 release([part])
-            release([t, data])
+            release([t])  # where `data` is a copy, the pages it was read from
 
 
 @contextmanager

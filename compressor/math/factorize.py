@@ -24,7 +24,8 @@ from compressor.math.spectra import _check_finite, all_finite, gram_root
 
 @dataclass
 class Decomposition:
-    """The left singular vectors and values of W (plain) or of W·S (whitened), float64."""
+    """The left singular vectors and values of W (plain) or of W·S (whitened): values in float64,
+    vectors in the dtype the decomposition ran in (float64 unless told otherwise)."""
 
     u: torch.Tensor  # (out, k)
     sv: torch.Tensor  # (k,), descending
