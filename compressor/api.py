@@ -241,7 +241,7 @@ def _save_factorized(
     loaded: LoadedModel, outcome, options, calibration_info: dict | None, output: Path, overwrite: bool
 ) -> int:
     """Write the factored checkpoint; returns its size in bytes."""
-    from compressor.formats.factored import save_factored
+    from compressor.formats.checkpoint import save_factored
 
     done = outcome.plan.options  # what ran, after any fallback
     metadata = {
@@ -292,42 +292,24 @@ def verify(
 
     from compressor.errors import NumericalError
     from compressor.evaluate import compare
-    from compressor.formats.factored import checkpoint_files, load_factored, read_quantization_config
+    from compressor.formats.checkpoint import load_factored, validate_factored_folder
 
-    path = Path(path)
     if against is not None and data is None:
         raise UsageError("--against needs --data to compare on")
-    qconfig = read_quantization_config(path)
-    ranks = qconfig.get("ranks", {})
-    files = checkpoint_files(path)
-    if not files:
-        raise InvalidInputError(f"{path} has no safetensors weights")
-    count = 0
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file in track(files, description="checking tensors"):
+    folder = validate_factored_folder(path)  # names, shapes and ranks, from the headers
+    for file in track(folder.files, description="checking tensors"):  # values: finite
         try:
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():
                     tensor = f.get_tensor(key)
                     if tensor.is_floating_point() and not all_finite(tensor):
                         raise NumericalError(f"{file.name}: tensor {key} contains NaN or Inf")
-                    shapes[key] = tuple(tensor.shape)
-                    count += 1
         except (OSError, ValueError, RuntimeError) as e:
             if isinstance(e, NumericalError):
                 raise
             raise InvalidInputError(f"cannot read {file}: {e}") from e
-    problems = []
-    for module, rank in ranks.items():
-        a, b = shapes.get(f"{module}.weight_a"), shapes.get(f"{module}.weight_b")
-        if a is None or b is None:
-            problems.append(f"{module}: factor missing")
-        elif a[0] != rank or b[1] != rank:
-            problems.append(f"{module}: factors {list(b)}·{list(a)} do not have the recorded rank {rank}")
-    if problems:
-        raise InvalidInputError(f"{path}: " + "; ".join(problems[:5]) + (f" and {len(problems) - 5} more" if len(problems) > 5 else ""))
-    model, tokenizer = load_factored(path)
-    result = VerifyResult(path, ranks, count)
+    model, tokenizer = load_factored(folder)
+    result = VerifyResult(folder.path, folder.ranks, len(folder.tensors))
     if against is not None:
         reference = _loaded(against)
         ids = tokenize_text(reference.tokenizer, read_text_file(data))
@@ -338,7 +320,8 @@ def verify(
 def export_dense(path: str | Path, output: str | Path, *, overwrite: bool = False) -> Path:
     """Merge every B·A back into a plain weight; write a checkpoint any tool loads."""
     from compressor.formats.atomic import atomic_dir
-    from compressor.formats.factored import export_dense as merge, load_factored
+    from compressor.formats.checkpoint import load_factored
+    from compressor.formats.factored import export_dense as merge
 
     model, tokenizer = load_factored(path)
     merge(model)

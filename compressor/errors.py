@@ -38,3 +38,9 @@ class OutOfResourcesError(CompressError):
 
 
 EXIT_INTERRUPTED = 130
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line, for one-line error reports."""
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
+from compressor.architecture import has_lm_head
 from compressor.calibration.grams import Gram, gram_roots
 from compressor.calibration.sources import CalibrationSet
 from compressor.errors import UsageError
@@ -306,10 +307,6 @@ class FactorizeOutcome:
         return self.model_params_after / self.model_params_before
 
 
-def _has_lm_head(model: nn.Module) -> bool:
-    return hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
-
-
 def count_params(model: nn.Module) -> int:
     """Parameters of the model, tied tensors counted once."""
     return sum(p.numel() for p in model.parameters())
@@ -342,7 +339,7 @@ def factorize_model(
     ran_in = compute_dtype or next(model.parameters()).dtype
     options = replace(options, calib_dtype=str(ran_in).removeprefix("torch."))  # recorded as what ran
     if options.needs_fisher and fisher is None:
-        if _has_lm_head(model):
+        if has_lm_head(model):
             windows = calibration.batches(1)[: options.fisher_windows]
             options = replace(options, fisher_windows=len(windows))  # recorded as what ran
             fisher = output_fisher(model, targets, windows, compute_dtype)

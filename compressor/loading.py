@@ -17,7 +17,8 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from compressor.errors import InvalidInputError, OutOfResourcesError, UsageError
+from compressor.architecture import has_lm_head, is_causal_architecture, model_class
+from compressor.errors import InvalidInputError, OutOfResourcesError, UsageError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class LoadedModel:
 
     @property
     def is_causal_lm(self) -> bool:
-        return hasattr(self.model, "get_output_embeddings") and self.model.get_output_embeddings() is not None
+        return has_lm_head(self.model)
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -120,11 +121,6 @@ def _looks_like_local_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
 
 
-def _causal(config) -> bool:
-    names = getattr(config, "architectures", None) or []
-    return any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names)
-
-
 def _from_pretrained(where: str | Path, dtype: torch.dtype, causal: bool | None = None, **kwargs):
     import transformers
 
@@ -132,9 +128,7 @@ def _from_pretrained(where: str | Path, dtype: torch.dtype, causal: bool | None 
         config = transformers.AutoConfig.from_pretrained(where, **kwargs)
     except (OSError, ValueError, struct.error) as e:
         raise InvalidInputError(f"cannot read the model config at {where}: {first_line(e)}") from e
-    if causal is None:
-        causal = _causal(config)
-    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    auto = model_class(config, causal=is_causal_architecture(config) if causal is None else causal)
     try:
         model = auto.from_pretrained(where, dtype=dtype, **kwargs)
         tokenizer = transformers.AutoTokenizer.from_pretrained(where, **kwargs)
@@ -146,12 +140,6 @@ def _from_pretrained(where: str | Path, dtype: torch.dtype, causal: bool | None 
     return model, tokenizer
 
 
-def first_line(e: BaseException) -> str:
-    """An exception's message cut to its first line, for one-line error reports."""
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
-
-
 def _load_folder(path: Path, dtype: torch.dtype, source: str) -> LoadedModel:
     if not (path / "config.json").is_file():
         raise InvalidInputError(f"{path} has no config.json: not a Hugging Face model folder")
@@ -160,7 +148,7 @@ def _load_folder(path: Path, dtype: torch.dtype, source: str) -> LoadedModel:
         raise InvalidInputError(f"{path} has no weight files (*.safetensors)")
     quant_method = _quant_method(path)
     if quant_method is not None and quant_method.startswith("compress"):
-        from compressor.formats.factored import load_factored
+        from compressor.formats.checkpoint import load_factored
 
         model, tokenizer = load_factored(path, dtype)
         return LoadedModel(model, tokenizer, source, path)

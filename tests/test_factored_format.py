@@ -20,6 +20,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import compressor
+import compressor.api
 from compressor.errors import InvalidInputError, UsageError
 from compressor.formats import (
     FORMAT_VERSION,
@@ -347,36 +348,102 @@ def test_refuses_unknown_format_version(saved, tmp_path):
         _auto(kind).from_pretrained(folder)
 
 
-def test_refuses_a_missing_factor_tensor(saved, tmp_path):
+@pytest.fixture
+def no_model_built(monkeypatch):
+    """Fails a test if transformers builds a model: refusals must come from the headers first,
+    whatever a transformers release reports about the keys it loads."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built before the folder was validated")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(refuse))
+
+
+def _rewrite(folder: Path, edit) -> None:
+    """Apply ``edit`` to the tensors of a single-file checkpoint and write them back."""
+    tensors = load_file(str(folder / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _first(factors) -> str:
+    return next(iter(factors))
+
+
+BROKEN = {
+    # name: (edit of the tensors, edit of the config, the refusal's message)
+    "missing factor": (lambda t, f: t.pop(f"{_first(f)}.weight_b"), None, r"missing .*weight_b"),
+    "unexpected tensor": (lambda t, f: t.update(extra=torch.zeros(3)), None, r"unexpected tensors: extra"),
+    "weight beside its factors": (
+        lambda t, f: t.update({f"{_first(f)}.weight": torch.zeros(64, 64)}), None, r"unexpected tensors: .*\.weight"
+    ),
+    "mis-shaped factor": (
+        lambda t, f: t.update({f"{_first(f)}.weight_a": torch.zeros(RANK, 63)}), None, r"weight_a is \[8, 63\], the model needs \[8, 64\]"
+    ),
+    "mis-shaped dense tensor": (
+        lambda t, f: t.update({k: torch.zeros(v.shape[0], v.shape[1] + 1) for k, v in list(t.items()) if k.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight"))}),
+        None,
+        r"(embed_tokens|wte|word_embeddings)\.weight is \[320, 65\], the model needs \[320, 64\]",
+    ),
+    "integer factor": (lambda t, f: t.update({f"{_first(f)}.weight_a": t[f"{_first(f)}.weight_a"].to(torch.int32)}), None, r"weight_a is I32"),
+    "rank that does not fit": (
+        None, lambda q, f: q["ranks"].update({_first(f): RANK + 1}), rf"records rank {RANK + 1}, its factors have rank {RANK}"
+    ),
+    "module the model lacks": (None, lambda q, f: q["ranks"].update({"model.nowhere": 2}), r"nowhere"),
+}
+
+
+@pytest.mark.parametrize("broken", list(BROKEN))
+def test_refusals_come_from_the_headers_before_any_model_is_built(saved, tmp_path, broken, no_model_built):
     kind, _, factors, out = saved
     folder = _copy(out, tmp_path)
-    tensors = load_file(str(folder / "model.safetensors"))
-    del tensors[f"{next(iter(factors))}.weight_a"]
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(InvalidInputError, match="weight_a"):
+    edit_tensors, edit_qconfig, message = BROKEN[broken]
+    if edit_tensors is not None:
+        _rewrite(folder, lambda t: edit_tensors(t, factors))
+    if edit_qconfig is not None:
+        _edit_config(folder, lambda c: edit_qconfig(c["quantization_config"], factors))
+    with pytest.raises(InvalidInputError, match=message):
         load_factored(folder)
-    # stock transformers would only log it and leave the memory uninitialised: the quantizer refuses
+    with pytest.raises(InvalidInputError, match=message):
+        compressor.api.verify(folder)
+
+
+def test_every_problem_is_named_in_one_message(saved, tmp_path, no_model_built):
+    kind, _, factors, out = saved
+    folder = _copy(out, tmp_path)
+    first, second = list(factors)[:2]
+    _rewrite(folder, lambda t: (t.pop(f"{first}.weight_a"), t.update(stray=torch.zeros(1))))
+    _edit_config(folder, lambda c: c["quantization_config"]["ranks"].update({second: RANK - 1}))
+    with pytest.raises(InvalidInputError) as refused:
+        load_factored(folder)
+    text = str(refused.value)
+    assert f"missing {first}.weight_a" in text and "stray" in text and f"{second}: config.json records rank {RANK - 1}" in text
+
+
+def test_a_shard_that_does_not_match_its_index_is_refused(tmp_path, no_model_built):
+    model, _ = _factored_model("gpt2")
+    out = save_factored(model, None, tmp_path / "g", METADATA, max_shard_size="50KB")
+    index_path = out / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    key, file = next(iter(index["weight_map"].items()))
+    other = next(f for f in sorted(set(index["weight_map"].values())) if f != file)
+    index["weight_map"][key] = other
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(InvalidInputError, match=f"the index puts {key} in {other}, but {file} holds it"):
+        load_factored(out)
+    (out / other).unlink()
+    with pytest.raises(InvalidInputError, match=f"{other}, named by the index, is missing"):
+        load_factored(out)
+
+
+def test_stock_from_pretrained_refuses_a_missing_factor(saved, tmp_path):
+    """Stock transformers would only log a missing key and leave the memory uninitialised: the
+    quantizer refuses it."""
+    kind, _, factors, out = saved
+    folder = _copy(out, tmp_path)
+    _rewrite(folder, lambda t: t.pop(f"{_first(factors)}.weight_a"))
     with pytest.raises(ValueError, match="weight_a"):
         _auto(kind).from_pretrained(folder)
-
-
-def test_refuses_an_unexpected_tensor(tmp_path):
-    model, factors = _factored_model("llama")
-    out = save_factored(model, None, tmp_path / "out", METADATA)
-    tensors = load_file(str(out / "model.safetensors"))
-    tensors["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(64, 64)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(InvalidInputError, match="unexpected"):
-        load_factored(out)
-
-
-def test_refuses_ranks_that_do_not_fit_the_tensors(tmp_path):
-    model, factors = _factored_model("llama")
-    out = save_factored(model, None, tmp_path / "out", METADATA)
-    name = next(iter(factors))
-    _edit_config(out, lambda c: c["quantization_config"]["ranks"].update({name: RANK + 1}))
-    with pytest.raises(InvalidInputError):
-        load_factored(out)
 
 
 def test_a_dense_model_cannot_be_factored_on_the_fly(tmp_path):

@@ -10,7 +10,7 @@ from compressor import api
 from compressor.calibration.sources import load_calibration
 from compressor.cli import run
 from compressor.factorize import FactorizeOptions, factorize_model
-from compressor.formats.factored import FactoredLinear, factored_modules, load_factored
+from compressor.formats import FactoredLinear, factored_modules, load_factored
 from compressor.loading import load_model
 from compressor.errors import UsageError
 from compressor.pipeline import collect_grams_whole_model
@@ -163,12 +163,12 @@ def test_one_shot_spills_the_pass_one_vectors_and_factors_the_same(tiny_llama, t
 
 
 def test_spill_folder_removed_when_writing_fails(tiny_llama, text_file, tmp_path, monkeypatch):
-    import compressor.formats.factored as factored_format
+    import compressor.formats.checkpoint as checkpoint_format
 
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(factored_format, "save_factored", fail)
+    monkeypatch.setattr(checkpoint_format, "save_factored", fail)
     with pytest.raises(OSError):
         api.factorize(load_model(str(tiny_llama.path)), FactorizeOptions(0.6), calib=str(text_file),
                       calib_samples=6, seq_len=24, output=tmp_path / "out")

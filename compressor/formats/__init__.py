@@ -2,6 +2,7 @@
 (``compress_lowrank``) format with transformers."""
 
 from compressor.formats.atomic import atomic_dir
+from compressor.formats.checkpoint import FactoredFolder, load_factored, save_factored, validate_factored_folder
 from compressor.formats.factored import (
     FORMAT_VERSION,
     QUANT_METHOD,
@@ -11,13 +12,12 @@ from compressor.formats.factored import (
     apply_factors,
     export_dense,
     factored_modules,
-    load_factored,
-    save_factored,
 )
 
 __all__ = [
     "FORMAT_VERSION",
     "QUANT_METHOD",
+    "FactoredFolder",
     "FactoredLinear",
     "LowRankConfig",
     "LowRankQuantizer",
@@ -27,4 +27,5 @@ __all__ = [
     "factored_modules",
     "load_factored",
     "save_factored",
+    "validate_factored_folder",
 ]

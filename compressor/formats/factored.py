@@ -11,19 +11,16 @@ instead of ``m.weight``. Importing this module registers a transformers quantiza
 quantizer for ``compress_lowrank``, so that stock ``from_pretrained`` swaps the recorded modules for
 :class:`FactoredLinear` on the meta device before the weights load. No remote code is involved.
 
-Stock transformers loads a folder whose ``quant_method`` it does not know with a warning and
-random weights; :func:`load_factored` is the strict entry point that refuses such folders and any
-checkpoint whose tensors do not match the model exactly.
+This module is the format in memory (the module, the conversion, the registration); the folder on
+disk (writing, validation from the safetensors headers, strict loading) is
+:mod:`compressor.formats.checkpoint`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,10 +35,6 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from compressor.errors import InvalidInputError, OutOfResourcesError
-from compressor.formats.atomic import atomic_dir
-from compressor.formats.writer import releasing_writer
-from compressor.loading import first_line as _first_line
 from compressor.kernels import lowrank_linear
 
 if TYPE_CHECKING:
@@ -51,10 +44,6 @@ QUANT_METHOD = "compress_lowrank"
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = frozenset({1})
 
-SAFE_WEIGHTS_NAME = "model.safetensors"
-SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-# Keys of quantization_config that the format owns; caller metadata may not set them.
-_RESERVED_KEYS = frozenset({"quant_method", "format_version", "ranks"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,7 +378,7 @@ def replace_with_factored(model: nn.Module, ranks: Mapping[str, int]) -> None:
     for source, target in (getattr(model, "all_tied_weights_keys", None) or {}).items():
         tied.update((source, target))
     for recorded, rank in ranks.items():
-        name = _resolve_module_name(recorded, names, prefix)
+        name = resolve_module_name(recorded, names, prefix)
         if f"{name}.weight" in tied:
             raise ValueError(f"{QUANT_METHOD}: {name}.weight is tied to another weight and cannot be factored")
         old = model.get_submodule(name)
@@ -428,7 +417,7 @@ def _skip_parent_reinit(model: nn.Module) -> None:
             module._is_hf_initialized = True
 
 
-def _resolve_module_name(recorded: str, names: set[str], prefix: str) -> str:
+def resolve_module_name(recorded: str, names: set[str], prefix: str) -> str:
     """The recorded name, allowing for a head model's checkpoint loaded as its base model and
     vice versa (``model.layers.0…`` versus ``layers.0…``)."""
     candidates = [recorded]
@@ -456,205 +445,3 @@ def _register() -> None:
 
 
 _register()
-
-
-# --------------------------------------------------------------------------------------------
-# Saving
-
-
-def save_factored(
-    model: PreTrainedModel,
-    tokenizer: Any,
-    out_dir: str | os.PathLike[str],
-    metadata: Mapping[str, Any],
-    overwrite: bool = False,
-    max_shard_size: int | str = "2GB",
-) -> Path:
-    """Write ``model`` (already holding FactoredLinear modules) as a factored checkpoint folder.
-
-    ``metadata`` fills the free fields of quantization_config (``method``, ``target``,
-    ``calibration``, and any other JSON-serialisable key except the format's own ones); the ranks
-    are read from the modules. ``tokenizer`` may be None. The folder appears complete or not at
-    all (see :func:`compressor.formats.atomic.atomic_dir`). The model is left as it was.
-    """
-    reserved = _RESERVED_KEYS & set(metadata)
-    if reserved:
-        raise ValueError(f"metadata may not set {', '.join(sorted(reserved))}: the format records them")
-    try:
-        json.dumps(dict(metadata))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"metadata is not JSON-serialisable: {e}") from e
-    ranks = {name: m.rank for name, m in factored_modules(model).items()}
-    qconfig = LowRankConfig(ranks=ranks, **dict(metadata))
-    out = Path(out_dir)
-    try:
-        with atomic_dir(out, overwrite=overwrite) as tmp:
-            with _described_as_factored(model, qconfig), releasing_writer():
-                model.save_pretrained(tmp, max_shard_size=max_shard_size)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            check_saved_factors(tmp, ranks)
-    except OSError as e:
-        raise OutOfResourcesError(f"cannot write the factored checkpoint at {out}: {e}") from e
-    return out
-
-
-@contextmanager
-def _described_as_factored(model: PreTrainedModel, qconfig: LowRankConfig) -> Iterator[None]:
-    """Temporarily give the model our quantization_config and no quantizer, so save_pretrained
-    writes the factors as plain tensors and records the config; restore both afterwards."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None and not isinstance(quantizer, LowRankQuantizer):
-        method = getattr(quantizer.quantization_config, "quant_method", "?")
-        raise ValueError(f"the model is quantized with {method}; it cannot be saved as a factored checkpoint")
-    config = model.config
-    missing = object()
-    saved_config = vars(config).get("quantization_config", missing)
-    saved_quantizer = vars(model).get("hf_quantizer", missing)
-    config.quantization_config = qconfig.to_dict()
-    model.hf_quantizer = None
-    try:
-        yield
-    finally:
-        if saved_config is missing:
-            if hasattr(config, "quantization_config"):
-                del config.quantization_config
-        else:
-            config.quantization_config = saved_config
-        if saved_quantizer is missing:
-            del model.hf_quantizer
-        else:
-            model.hf_quantizer = saved_quantizer
-
-
-def checkpoint_files(folder: str | os.PathLike[str]) -> list[Path]:
-    """The safetensors files of a folder, as its index names them (or the single file)."""
-    folder = Path(folder)
-    index = folder / SAFE_WEIGHTS_INDEX_NAME
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        return [folder / name for name in sorted(set(weight_map.values()))]
-    single = folder / SAFE_WEIGHTS_NAME
-    return [single] if single.is_file() else []
-
-
-def tensor_names(folder: str | os.PathLike[str]) -> dict[str, Path]:
-    """Every tensor name in the folder's safetensors files, with the file holding it."""
-    from safetensors import safe_open
-
-    names: dict[str, Path] = {}
-    for path in checkpoint_files(folder):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                names[key] = path
-    return names
-
-
-def check_saved_factors(folder: Path, ranks: Mapping[str, int]) -> None:
-    """The files just written hold A and B (not W) for every factored module, tagged format "pt"."""
-    from safetensors import safe_open
-
-    files = checkpoint_files(folder)
-    if not files:
-        raise RuntimeError(f"no safetensors weights were written to {folder}")
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            if (f.metadata() or {}).get("format") != "pt":
-                raise RuntimeError(f"{path.name} lacks the safetensors metadata format=pt")
-    names = tensor_names(folder)
-    for module in ranks:
-        if f"{module}.weight_a" not in names or f"{module}.weight_b" not in names or f"{module}.weight" in names:
-            raise RuntimeError(f"the checkpoint written for {module} does not hold its factors")
-
-
-# --------------------------------------------------------------------------------------------
-# Loading
-
-
-def read_quantization_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """config.json's quantization_config, after checking that it describes a factored checkpoint
-    of a format version this code reads. Raises InvalidInputError naming what it found."""
-    config_path = Path(path) / "config.json"
-    if not config_path.is_file():
-        raise InvalidInputError(f"{path} has no config.json: not a Hugging Face model folder")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidInputError(f"cannot read {config_path}: {e}") from e
-    qconfig = config.get("quantization_config") if isinstance(config, dict) else None
-    if not isinstance(qconfig, dict):
-        raise InvalidInputError(f"{path} is not a factored checkpoint: config.json has no quantization_config")
-    method = qconfig.get("quant_method")
-    if method != QUANT_METHOD:
-        raise InvalidInputError(
-            f"{path} is not a factored checkpoint: quantization_config.quant_method is {method!r}, "
-            f"expected {QUANT_METHOD!r}"
-        )
-    try:
-        LowRankConfig(**qconfig)
-    except (TypeError, ValueError) as e:
-        raise InvalidInputError(f"{path}: {e}") from e
-    return qconfig
-
-
-def load_factored(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any]:
-    """Load a factored checkpoint strictly: (model in eval mode, tokenizer or None).
-
-    Beyond stock ``from_pretrained`` it refuses a folder that is not ``compress_lowrank`` of a
-    known version, and any checkpoint with missing, unexpected or mis-shaped tensors.
-    """
-    import transformers
-
-    folder = Path(path)
-    qconfig = read_quantization_config(folder)
-    if not checkpoint_files(folder):
-        raise InvalidInputError(f"{folder} has no safetensors weights ({SAFE_WEIGHTS_NAME} or its index)")
-    try:
-        config = transformers.AutoConfig.from_pretrained(folder)
-        model_class = _model_class(config)
-        model, info = model_class.from_pretrained(folder, dtype=dtype, output_loading_info=True)
-    except MemoryError as e:
-        raise OutOfResourcesError(f"out of memory while loading {folder}") from e
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-        raise InvalidInputError(f"cannot load the factored checkpoint at {folder}: {_first_line(e)}") from e
-    problems = []
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        keys = sorted(str(k) for k in info.get(kind) or ())
-        if keys:
-            shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-            problems.append(f"{kind.replace('_', ' ')}: {shown}")
-    if problems:
-        raise InvalidInputError(f"the checkpoint at {folder} does not match its model: {'; '.join(problems)}")
-    loaded = {name: m.rank for name, m in factored_modules(model).items()}
-    if loaded != qconfig.get("ranks", {}):
-        raise InvalidInputError(f"the factored modules loaded from {folder} differ from its recorded ranks")
-    model.eval()
-    return model, _load_tokenizer(folder)
-
-
-def _model_class(config: Any) -> type:
-    """The saved architecture's class when transformers has it, else the matching Auto class."""
-    import transformers
-
-    architectures = getattr(config, "architectures", None) or []
-    for name in architectures:
-        cls = getattr(transformers, name, None)
-        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
-            return cls
-    causal = any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in architectures)
-    return transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
-
-
-def _load_tokenizer(folder: Path) -> Any:
-    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
-        return None
-    import transformers
-
-    try:
-        return transformers.AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InvalidInputError(f"cannot load the tokenizer at {folder}: {_first_line(e)}") from e
-
