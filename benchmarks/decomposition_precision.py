@@ -36,7 +36,7 @@ def main() -> None:
 
     bound_kernel_caches()
     loaded = load_model("smollm2-135m")
-    calibration = load_calibration(str(DATA / "wikitext2-valid.txt"), loaded.tokenizer, samples=args.windows, seq_len=512, seed=0)
+    calibration = load_calibration(CalibrationOptions(str(DATA / "wikitext2-valid.txt"), samples=args.windows, seq_len=512, seed=0), loaded.tokenizer)
     targets = [t for t in select_targets(loaded.model) if t.block_index is not None and t.block_index <= max(args.blocks)]
     print("| block | target | rank | float64 error (optimum) | float32 error | excess |")
     print("|---|---|---|---|---|---|")

@@ -22,8 +22,9 @@ import torch
 from compressor import api
 from compressor.calibration.sources import tokenize_text
 from compressor.evaluate import perplexity
-from compressor.factorize import SENSITIVITY_WINDOWS, FactorizeOptions, decompose_all, factorize_model
-from compressor.precision import CALIB_DTYPES, resolve_calib_dtype
+from compressor.factorize import decompose_all, factorize_model
+from compressor.options import CALIB_DTYPES, SENSITIVITY_WINDOWS, CalibrationOptions, FactorizeOptions
+from compressor.precision import resolve_calib_dtype
 from compressor.sensitivity import fisher_scale, output_fisher
 from compressor.loading import load_model
 from compressor.targets import select_targets
@@ -72,7 +73,7 @@ def main() -> None:
     loaded.model = original
     specs = {"wikitext2-valid": args.calib, "self": "self"}
     calibrations = {
-        name: api.calibrate(loaded, specs[name], samples=args.calib_samples, seq_len=512, seed=args.seed) for name in args.calib_names
+        name: api.calibrate(loaded, CalibrationOptions(specs[name], samples=args.calib_samples, seq_len=512, seed=args.seed)) for name in args.calib_names
     }
 
     # Each (method, allocation)'s one-shot rows, then its sequential ones: the first rows are the default's.

@@ -55,7 +55,7 @@ def main() -> None:
 
     loaded = load_model("smollm2-135m")
     model = loaded.model
-    calibration = load_calibration(str(DATA / "wikitext2-valid.txt"), loaded.tokenizer, samples=args.windows, seq_len=512, seed=0)
+    calibration = load_calibration(CalibrationOptions(str(DATA / "wikitext2-valid.txt"), samples=args.windows, seq_len=512, seed=0), loaded.tokenizer)
     targets = [t for t in select_targets(model) if t.block_index in args.blocks]
     ways = {"the tool": tool_add, "centered": centered_add, "float32 (reference)": float32_add}
     print("| block | target | rank | " + " | ".join(f"{w}: tail, subspace" for w in ways if "reference" not in w) + " |")

@@ -38,7 +38,7 @@ def main() -> None:
 
     loaded = load_model("smollm2-135m")
     model = loaded.model.eval()
-    calibration = load_calibration(str(DATA / "wikitext2-valid.txt"), loaded.tokenizer, samples=max(args.windows, args.fisher_windows), seq_len=512, seed=0)
+    calibration = load_calibration(CalibrationOptions(str(DATA / "wikitext2-valid.txt"), samples=max(args.windows, args.fisher_windows), seq_len=512, seed=0), loaded.tokenizer)
     ids = calibration.input_ids
 
     def forward(batch: int) -> float:

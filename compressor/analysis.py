@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from compressor.calibration.grams import Gram, gram_roots
 from compressor.math.factorize import whitened_decomposition
 from compressor.math import allocate, spectra
+from compressor.pipeline import CALIBRATION_BATCH, collect_grams_whole_model, iterate_blocks
+from compressor.progress import track
 from compressor.targets import Target
+
+if TYPE_CHECKING:
+    from compressor.calibration.sources import CalibrationSet
 
 ENERGY_LEVELS = (0.90, 0.95, 0.99)
 COST_CURVE_RATIOS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
@@ -148,3 +154,23 @@ def summarize(modules: list[ModuleAnalysis], welore_target: float) -> Analysis:
         m.welore_rank = min(m.shape) if r is None else r
     curve, basis = cost_curve(modules)
     return Analysis(modules, welore_target, tau, curve, basis)
+
+
+def analyze_model(
+    model: torch.nn.Module,
+    targets: list[Target],
+    calibration: CalibrationSet | None,
+    compute_dtype: torch.dtype | None = None,
+) -> list[ModuleAnalysis]:
+    """Every target's analysis: plain spectra only without calibration; with it, also whitened by
+    the Grams of its inputs, collected block by block in the layer loop (or over the whole model
+    where a target lies outside the blocks)."""
+    if calibration is None:
+        return [analyze_module(t) for t in track(targets, description="spectra")]
+    batches = calibration.batches(CALIBRATION_BATCH)
+    if all(t.block_index is not None for t in targets):
+        modules = []
+        for step in iterate_blocks(model, batches, targets, "calibrating blocks", compute_dtype):
+            modules.extend(analyze_grams(step.targets, step.collect_grams(block_final=True)))
+        return modules
+    return analyze_grams(targets, collect_grams_whole_model(model, batches, targets, compute_dtype))

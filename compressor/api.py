@@ -3,30 +3,41 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from compressor import __version__
-from compressor.analysis import Analysis, analyze_grams, analyze_module, summarize
-from compressor.calibration.sources import CalibrationSet, load_calibration, tokenize_text
+from compressor.analysis import Analysis, analyze_model, summarize
+from compressor.calibration.sources import CalibrationSet, load_calibration, read_text, tokenize_text
 from compressor.errors import InvalidInputError, UsageError
 from compressor.evaluate import PerplexityResult, perplexity
-from compressor.loading import LoadedModel, load_model
+from compressor import loading
+from compressor.loading import LoadedModel
 from compressor.math.spectra import all_finite
-from compressor.pipeline import CALIBRATION_BATCH, collect_grams_whole_model, iterate_blocks
 from compressor.precision import resolve_calib_dtype
+from compressor.options import CalibrationOptions, FactorizeOptions, check_calib_dtype, check_target
 from compressor.progress import track
 from compressor.targets import Target, select_targets
+
+if TYPE_CHECKING:
+    from compressor.evaluate import Comparison
+    from compressor.factorize import FactorizeOutcome
 
 
 
 def _loaded(model: LoadedModel | str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    return model if isinstance(model, LoadedModel) else load_model(model, dtype)
+    if isinstance(model, LoadedModel):
+        return model
+    for _ in track([model], description=f"loading {model}"):
+        loaded = loading.load_model(model, dtype)
+    return loaded
 
 
 def targets_of(loaded: LoadedModel, include: list[str] | None = None, exclude: list[str] | None = None) -> list[Target]:
@@ -36,16 +47,6 @@ def targets_of(loaded: LoadedModel, include: list[str] | None = None, exclude: l
     return targets
 
 
-def read_text_file(path: str | Path) -> str:
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidInputError(f"data file not found: {path}")
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InvalidInputError(f"cannot read {path}: {e}") from e
-
-
 def evaluate(
     model: LoadedModel | str,
     data: str | Path,
@@ -53,31 +54,25 @@ def evaluate(
     seq_len: int = 512,
     max_windows: int | None = None,
     batch_size: int = 4,
+    dtype: torch.dtype = torch.float32,
 ) -> PerplexityResult:
-    """Perplexity of a causal LM on a text file by the project's protocol."""
-    loaded = _loaded(model)
+    """Perplexity of a causal LM on a text file by the project's protocol. ``model``: a loaded
+    model, or a MODEL spec loaded in ``dtype`` once the text has been read."""
+    text = read_text(data)
+    loaded = _loaded(model, dtype)
     if not loaded.is_causal_lm:
         raise InvalidInputError(f"{loaded.source} is not a causal language model; perplexity needs one")
     loaded.check_seq_len(seq_len)
-    ids = tokenize_text(loaded.tokenizer, read_text_file(data))
-    return perplexity(loaded.model, ids, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size)
+    ids = tokenize_text(loaded.tokenizer, text)
+    result = perplexity(loaded.model, ids, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size)
+    return dataclasses.replace(result, source=loaded.source)
 
 
-def calibrate(
-    loaded: LoadedModel,
-    spec: str = "self",
-    *,
-    samples: int = 64,
-    seq_len: int = 512,
-    seed: int = 0,
-    calib_dtype: str = "auto",
-) -> CalibrationSet:
+def calibrate(loaded: LoadedModel, options: CalibrationOptions, *, calib_dtype: str = "auto") -> CalibrationSet:
     """Calibration windows; ``calib_dtype``: matmul dtype while the model generates them (``self``)."""
-    loaded.check_seq_len(seq_len)
+    loaded.check_seq_len(options.seq_len)
     compute_dtype = resolve_calib_dtype(calib_dtype, loaded.model)
-    return load_calibration(
-        spec, loaded.tokenizer, loaded.model, samples=samples, seq_len=seq_len, seed=seed, compute_dtype=compute_dtype
-    )
+    return load_calibration(options, loaded.tokenizer, loaded.model, compute_dtype=compute_dtype)
 
 
 @dataclass
@@ -105,39 +100,33 @@ class AnalyzeResult:
 
 def analyze(
     model: LoadedModel | str,
+    calibration: CalibrationOptions | None = None,
     *,
-    calibration: CalibrationSet | None = None,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     welore_target: float = 0.5,
     calib_dtype: str = "auto",
+    dtype: torch.dtype = torch.float32,
 ) -> AnalyzeResult:
-    """Spectra of every target; with calibration, also of the activation-whitened weights.
+    """Spectra of every target; with ``calibration``, also of the activation-whitened weights.
 
+    ``model``: a loaded model, or a MODEL spec loaded in ``dtype`` once the options are checked.
     ``calib_dtype``: matmul dtype of the calibration passes (:func:`resolve_calib_dtype`)."""
+    check_target(welore_target)
+    check_calib_dtype(calib_dtype)
     start = time.perf_counter()
-    loaded = _loaded(model)
+    loaded = _loaded(model, dtype)
     targets = targets_of(loaded, include, exclude)
-    compute_dtype = resolve_calib_dtype(calib_dtype, loaded.model)
-    if calibration is None:
-        modules = [analyze_module(t) for t in track(targets, description="spectra")]
-    else:
-        batches = calibration.batches(CALIBRATION_BATCH)
-        if all(t.block_index is not None for t in targets):
-            modules = []
-            for step in iterate_blocks(loaded.model, batches, targets, "calibrating blocks", compute_dtype):
-                modules.extend(analyze_grams(step.targets, step.collect_grams(block_final=True)))
-        else:
-            grams = collect_grams_whole_model(loaded.model, batches, targets, compute_dtype)
-            modules = analyze_grams(targets, grams)
+    windows = None if calibration is None else calibrate(loaded, calibration, calib_dtype=calib_dtype)
+    modules = analyze_model(loaded.model, targets, windows, resolve_calib_dtype(calib_dtype, loaded.model))
     analysis = summarize(modules, welore_target)
-    info = calibration.info.to_dict() if calibration is not None else None
+    info = windows.info.to_dict() if windows is not None else None
     return AnalyzeResult(analysis, loaded.source, info, time.perf_counter() - start)
 
 
 @dataclass
 class FactorizeResult:
-    outcome: "FactorizeOutcome"  # noqa: F821
+    outcome: FactorizeOutcome
     source: str
     calibration: dict | None
     output: Path | None
@@ -167,18 +156,20 @@ def folder_bytes(path: Path) -> int:
 
 def factorize(
     model: LoadedModel | str,
-    options: "FactorizeOptions",  # noqa: F821
+    options: FactorizeOptions,
+    calibration: CalibrationOptions | None = None,
     *,
-    calib: str = "self",
-    calib_samples: int = 64,
-    seq_len: int = 512,
-    seed: int = 0,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     output: str | Path | None = None,
     overwrite: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> FactorizeResult:
     """Factor every target of ``model``; write the factored checkpoint to ``output`` unless None.
+
+    ``model``: a loaded model, or a MODEL spec loaded in ``dtype`` once ``output`` has been found
+    usable (so a folder that may not be replaced fails before anything slow). ``calibration``:
+    the default (``self``, 64 windows of 512) when None and the options need calibration.
 
     While it runs, the factors made so far are kept in a hidden folder beside ``output`` (on its
     disk) rather than in memory, and the model reads them from there. The folder is removed at the
@@ -191,27 +182,24 @@ def factorize(
     from compressor.residency import Spill
 
     start = time.perf_counter()
-    options.validate()
-    loaded = _loaded(model)
+    dest = None if output is None else check_destination(output, overwrite)
+    loaded = _loaded(model, dtype)
     targets = targets_of(loaded, include, exclude)
-    calibration = None
+    calibration_set = None
     if options.needs_calibration:
-        calibration = calibrate(
-            loaded, calib, samples=calib_samples, seq_len=seq_len, seed=seed, calib_dtype=options.calib_dtype
-        )
+        calibration_set = calibrate(loaded, calibration or CalibrationOptions(), calib_dtype=options.calib_dtype)
     spill_folder: contextlib.AbstractContextManager = contextlib.nullcontext(None)
-    if output is not None:
-        dest = check_destination(output, overwrite)
+    if dest is not None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         spill_folder = tempfile.TemporaryDirectory(prefix=f".{dest.name}.spill-", dir=dest.parent, ignore_cleanup_errors=True)
     with spill_folder as spill:
         with _tokenizer_parked(loaded, Path(spill) if spill else None):
             outcome = factorize_model(
-                loaded.model, targets, options, calibration, dry_run=output is None, spill=Spill(spill) if spill else None
+                loaded.model, targets, options, calibration_set, dry_run=dest is None, spill=Spill(spill) if spill else None
             )
-        info = calibration.info.to_dict() if calibration is not None else None
-        file_bytes = None if output is None else _save_factorized(loaded, outcome, options, info, Path(output), overwrite)
-    return FactorizeResult(outcome, loaded.source, info, Path(output) if output else None, file_bytes, time.perf_counter() - start)
+        info = calibration_set.info.to_dict() if calibration_set is not None else None
+        file_bytes = None if dest is None else _save_factorized(loaded, outcome, options, info, dest, overwrite)
+    return FactorizeResult(outcome, loaded.source, info, dest, file_bytes, time.perf_counter() - start)
 
 
 @contextlib.contextmanager
@@ -264,7 +252,7 @@ class VerifyResult:
     path: Path
     ranks: dict[str, int]
     tensors: int
-    comparison: "Comparison | None" = None  # noqa: F821
+    comparison: Comparison | None = None
 
     def to_json(self) -> dict:
         return {
@@ -296,6 +284,7 @@ def verify(
 
     if against is not None and data is None:
         raise UsageError("--against needs --data to compare on")
+    text = None if data is None else read_text(data)
     folder = validate_factored_folder(path)  # names, shapes and ranks, from the headers
     for file in track(folder.files, description="checking tensors"):  # values: finite
         try:
@@ -312,17 +301,18 @@ def verify(
     result = VerifyResult(folder.path, folder.ranks, len(folder.tensors))
     if against is not None:
         reference = _loaded(against)
-        ids = tokenize_text(reference.tokenizer, read_text_file(data))
+        ids = tokenize_text(reference.tokenizer, text)
         result.comparison = compare(model, reference.model, ids, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size)
     return result
 
 
 def export_dense(path: str | Path, output: str | Path, *, overwrite: bool = False) -> Path:
     """Merge every B·A back into a plain weight; write a checkpoint any tool loads."""
-    from compressor.formats.atomic import atomic_dir
+    from compressor.formats.atomic import atomic_dir, check_destination
     from compressor.formats.checkpoint import load_factored
     from compressor.formats.factored import export_dense as merge
 
+    check_destination(output, overwrite)  # before the load; atomic_dir checks again before its rename
     model, tokenizer = load_factored(path)
     merge(model)
     with atomic_dir(output, overwrite=overwrite) as tmp:

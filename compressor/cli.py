@@ -18,9 +18,9 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from compressor import __version__
-from compressor.errors import EXIT_INTERRUPTED, CompressError, InvalidInputError, OutOfResourcesError, UsageError
+from compressor.errors import EXIT_INTERRUPTED, CompressError, OutOfResourcesError, UsageError
+from compressor.options import CalibrationOptions, FactorizeOptions
 from compressor.progress import reporting_to
-from compressor.residency import bound_kernel_caches
 
 try:  # typer ≥ 0.20 vendors click; older releases use the click package
     from typer._click import exceptions as click_exceptions
@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover
 
 T = TypeVar("T")
 EXIT_INTERNAL = 70
-bound_kernel_caches()
+CALIBRATION = CalibrationOptions()  # the defaults of the calibration flags
 
 app = typer.Typer(
     name="compress",
@@ -57,8 +57,7 @@ CalibOpt = Annotated[
     str,
     typer.Option(
         "--calib",
-        help="Calibration: a .txt or .jsonl file, hf:NAME[:CONFIG[:SPLIT]], self (text the model "
-        "generates), or none (weights only).",
+        help="Calibration: a .txt or .jsonl file, hf:NAME[:CONFIG[:SPLIT]], or self (text the model generates).",
     ),
 ]
 CalibSamplesOpt = Annotated[int, typer.Option("--calib-samples", min=1, help="Calibration windows.")]
@@ -109,18 +108,26 @@ class RichProgressSink:
 
 
 @contextlib.contextmanager
-def _progress() -> Iterator[None]:
-    """Show the library's progress reports as rich bars on stderr for the duration."""
-    with RichProgressSink(err) as sink, reporting_to(sink):
-        yield
+def _running() -> Iterator[None]:
+    """What every command runs in: libraries set up for a run, and the library's progress reports
+    shown as rich bars on stderr. Commands enter it in their bodies, so that ``--help`` and bad
+    flags answer without importing torch or transformers."""
+    from compressor.residency import bound_kernel_caches
 
-
-def _quiet_libraries() -> None:
+    bound_kernel_caches()  # before the process's first bfloat16 product
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=err, show_path=False)])
+    with RichProgressSink(err) as sink, reporting_to(sink):
+        yield
+
+
+def _torch_dtype(name: str):
+    from compressor.loading import parse_dtype
+
+    return parse_dtype(name)
 
 
 def _print_version(value: bool) -> None:
@@ -138,51 +145,46 @@ def _main(
 ) -> None:
     if debug:
         _state["debug"] = True
-    _quiet_libraries()
-
-
-def _load(model: str, dtype: str):
-    from compressor.loading import load_model, parse_dtype
-
-    torch_dtype = parse_dtype(dtype)
-    with err.status(f"loading {model}"):
-        return load_model(model, torch_dtype)
 
 
 @app.command("eval")
 def eval_command(
     model: ModelArg,
     data: Annotated[Path, typer.Option("--data", help="A text file, read whole (e.g. wikitext2-raw-test.txt).")],
-    seq_len: SeqLenOpt = 512,
+    seq_len: SeqLenOpt = CALIBRATION.seq_len,
     max_windows: Annotated[Optional[int], typer.Option("--max-windows", min=1, help="Evaluate only the first N windows.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.")] = 4,
     json_path: JsonOpt = None,
     dtype: DtypeOpt = "float32",
 ) -> None:
     """Perplexity on a text file: the whole file tokenized once, consecutive windows from the start."""
-    from compressor import api
-    from compressor.report import write_json
+    with _running():
+        from compressor import api
+        from compressor.report import write_json
 
-    if not data.is_file():
-        raise InvalidInputError(f"data file not found: {data}")
-    loaded = _load(model, dtype)
-    with _progress():
-        result = api.evaluate(loaded, data, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size)
+        result = api.evaluate(model, data, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size, dtype=_torch_dtype(dtype))
     out.print(
         f"perplexity [bold]{result.perplexity:.4f}[/] on {data} "
         f"({result.windows} windows × {result.seq_len} tokens, {result.tokens} predicted, {result.seconds:.1f} s)"
     )
     if json_path:
-        write_json(json_path, {"model": loaded.source, "data": str(data), "dtype": dtype, **result.to_dict()})
+        write_json(json_path, {"model": result.source, "data": str(data), "dtype": dtype, **result.to_dict()})
 
 
 @app.command("analyze")
 def analyze_command(
     model: ModelArg,
-    calib: CalibOpt = "self",
-    calib_samples: CalibSamplesOpt = 64,
-    seq_len: SeqLenOpt = 512,
-    seed: SeedOpt = 0,
+    calib: Annotated[
+        str,
+        typer.Option(
+            "--calib",
+            help="Calibration: a .txt or .jsonl file, hf:NAME[:CONFIG[:SPLIT]], self (text the model "
+            "generates), or none (weights only).",
+        ),
+    ] = CALIBRATION.spec,
+    calib_samples: CalibSamplesOpt = CALIBRATION.samples,
+    seq_len: SeqLenOpt = CALIBRATION.seq_len,
+    seed: SeedOpt = CALIBRATION.seed,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     welore_target: Annotated[
@@ -191,33 +193,21 @@ def analyze_command(
     json_path: JsonOpt = None,
     plots: Annotated[Optional[Path], typer.Option("--plots", help="Write PNG plots into this folder.")] = None,
     dtype: DtypeOpt = "float32",
-    calib_dtype: CalibDtypeOpt = "auto",
+    calib_dtype: CalibDtypeOpt = FactorizeOptions.calib_dtype,
 ) -> None:
     """Singular-value spectra of every target layer, plain and activation-whitened, and predicted costs."""
-    from compressor import api
-    from compressor.calibration.sources import check_sizes, check_spec
-    from compressor.math.allocate import check_target
-    from compressor.precision import check_calib_dtype
-    from compressor.report import analysis_plots, analysis_table, write_json
+    calibration = None if calib == "none" else CalibrationOptions(calib, calib_samples, seq_len, seed)
+    with _running():
+        from compressor import api
+        from compressor.report import analysis_plots, analysis_table, write_json
 
-    check_target(welore_target)
-    check_calib_dtype(calib_dtype)
-    check_sizes(calib_samples, seq_len)
-    if calib != "none":
-        check_spec(calib)
-    loaded = _load(model, dtype)
-    with _progress():
-        calibration = None
-        if calib != "none":
-            calibration = api.calibrate(
-                loaded, calib, samples=calib_samples, seq_len=seq_len, seed=seed, calib_dtype=calib_dtype
-            )
         result = api.analyze(
-            loaded, calibration=calibration, include=include, exclude=exclude, welore_target=welore_target,
-            calib_dtype=calib_dtype,
+            model, calibration, include=include, exclude=exclude, welore_target=welore_target,
+            calib_dtype=calib_dtype, dtype=_torch_dtype(dtype),
         )
     analysis_table(result.analysis, out)
-    used = "none (weights only)" if calibration is None else f"{calibration.info.spec} ({calibration.info.tokens} tokens)"
+    info = result.calibration
+    used = "none (weights only)" if info is None else f"{info['spec']} ({info['tokens']} tokens)"
     out.print(f"{len(result.analysis.modules)} modules analyzed in {result.seconds:.1f} s; calibration: {used}")
     if json_path:
         write_json(json_path, result.to_json())
@@ -232,12 +222,12 @@ def factorize_command(
     model: ModelArg,
     target: Annotated[float, typer.Option("--target", help="Kept fraction of the targeted layers' parameters, 0 < R ≤ 1.")],
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Folder to write the factored checkpoint to.")] = None,
-    calib: CalibOpt = "self",
-    calib_samples: CalibSamplesOpt = 64,
-    seq_len: SeqLenOpt = 512,
-    seed: SeedOpt = 0,
-    method: Annotated[str, typer.Option("--method", help="fisher (activation-whitened, loss-gradient-weighted outputs), whiten (activation-whitened) or svd (plain).")] = "fisher",
-    alloc: Annotated[str, typer.Option("--alloc", help="Rank allocation: global (sensitivity-weighted), relative, uniform or welore.")] = "global",
+    calib: CalibOpt = CALIBRATION.spec,
+    calib_samples: CalibSamplesOpt = CALIBRATION.samples,
+    seq_len: SeqLenOpt = CALIBRATION.seq_len,
+    seed: SeedOpt = CALIBRATION.seed,
+    method: Annotated[str, typer.Option("--method", help="fisher (activation-whitened, loss-gradient-weighted outputs), whiten (activation-whitened) or svd (plain).")] = FactorizeOptions.method,
+    alloc: Annotated[str, typer.Option("--alloc", help="Rank allocation: global (sensitivity-weighted), relative, uniform or welore.")] = FactorizeOptions.alloc,
     sequential: Annotated[
         bool,
         typer.Option(
@@ -246,7 +236,7 @@ def factorize_command(
             "each block on the inputs the factored blocks before it produce; a second calibration pass, "
             "about twice the time, up to 3 % lower perplexity at strong compression.",
         ),
-    ] = False,
+    ] = FactorizeOptions.sequential,
     fisher_windows: Annotated[
         int,
         typer.Option(
@@ -255,45 +245,35 @@ def factorize_command(
             help="Calibration windows of the loss-gradient (output-Fisher) pass of --method fisher and --alloc global: "
             "more estimate the loss's sensitivity better, each costs about a second and a half on a small CPU.",
         ),
-    ] = 8,  # factorize.SENSITIVITY_WINDOWS (tests check the two agree)
+    ] = FactorizeOptions.fisher_windows,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the rank plan and sizes; write nothing.")] = False,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
     json_path: JsonOpt = None,
     dtype: DtypeOpt = "float32",
-    calib_dtype: CalibDtypeOpt = "auto",
+    calib_dtype: CalibDtypeOpt = FactorizeOptions.calib_dtype,
 ) -> None:
     """Low-rank factorization W ≈ B·A of every target, ranks chosen to meet --target exactly."""
-    from compressor import api
-    from compressor.calibration.sources import check_sizes, check_spec
-    from compressor.factorize import FactorizeOptions
-    from compressor.report import factorize_summary, write_json
-
     options = FactorizeOptions(
         target=target, method=method, alloc=alloc, sequential=sequential, calib_dtype=calib_dtype, fisher_windows=fisher_windows
     )
-    options.validate()
-    check_sizes(calib_samples, seq_len)
-    if options.needs_calibration:
-        check_spec(calib)
+    calibration = CalibrationOptions(calib, calib_samples, seq_len, seed) if options.needs_calibration else None
     if output is None and not dry_run:
         raise UsageError("give an output folder with -o, or --dry-run")
-    if output is not None and not dry_run and output.exists() and any(output.iterdir()) and not overwrite:
-        raise UsageError(f"{output} exists and is not empty; pass --overwrite to replace it")
-    loaded = _load(model, dtype)
-    with _progress():
+    with _running():
+        from compressor import api
+        from compressor.report import factorize_summary, write_json
+
         result = api.factorize(
-            loaded,
+            model,
             options,
-            calib=calib,
-            calib_samples=calib_samples,
-            seq_len=seq_len,
-            seed=seed,
+            calibration,
             include=include,
             exclude=exclude,
             output=None if dry_run else output,
             overwrite=overwrite,
+            dtype=_torch_dtype(dtype),
         )
     factorize_summary(result, out)
     if json_path:
@@ -311,16 +291,11 @@ def verify_command(
     json_path: JsonOpt = None,
 ) -> None:
     """Check a factored checkpoint: every tensor present and finite, ranks as recorded, loads."""
-    from compressor import api
-    from compressor.report import write_json
+    with _running():
+        from compressor import api
+        from compressor.report import write_json
 
-    if against is not None and data is None:
-        raise UsageError("--against needs --data")
-    if data is not None and not data.is_file():
-        raise InvalidInputError(f"data file not found: {data}")
-    reference = _load(against, "float32") if against else None
-    with _progress():
-        result = api.verify(path, against=reference, data=data, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size)
+        result = api.verify(path, against=against, data=data, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size)
     out.print(f"{path}: {result.tensors} tensors, {len(result.ranks)} factored modules, all finite; loads: ok")
     if result.comparison:
         c = result.comparison
@@ -339,9 +314,9 @@ def export_dense_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
 ) -> None:
     """Merge B·A back into plain weights: a standard checkpoint any tool loads."""
-    from compressor import api
+    with _running(), err.status(f"exporting {path}"):
+        from compressor import api
 
-    with err.status(f"exporting {path}"):
         written = api.export_dense(path, output, overwrite=overwrite)
     out.print(f"wrote {written}")
 
@@ -355,8 +330,6 @@ def _fail(message: str, code: int) -> int:
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code instead of exiting."""
-    import torch
-
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=argv, prog_name="compress", standalone_mode=False)
@@ -372,13 +345,15 @@ def run(argv: list[str] | None = None) -> int:
         return _fail(f"{e} (see compress --help)", e.exit_code)
     except CompressError as e:
         return _fail(str(e), e.exit_code)
-    except (MemoryError, torch.OutOfMemoryError):
+    except MemoryError:
         return _fail("out of memory; try a smaller --batch-size, --calib-samples or --seq-len", OutOfResourcesError.exit_code)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             return _fail(f"out of disk space: {e}", OutOfResourcesError.exit_code)
         return _fail(f"internal error: {e} (run with --debug for the traceback)", EXIT_INTERNAL)
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if type(e).__name__ == "OutOfMemoryError":  # torch's (a RuntimeError), not imported just to name it
+            return _fail("out of memory; try a smaller --batch-size, --calib-samples or --seq-len", OutOfResourcesError.exit_code)
         return _fail(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", EXIT_INTERNAL)
 
 

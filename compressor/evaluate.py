@@ -22,9 +22,10 @@ class PerplexityResult:
     windows: int
     seq_len: int
     seconds: float
+    source: str = ""  # the model, as loading resolved it (set by api.evaluate)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "source"}
 
 
 def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None) -> torch.Tensor:
@@ -96,9 +97,10 @@ class Comparison:
     windows: int
     seq_len: int
     seconds: float
+    source: str = ""  # the model, as loading resolved it (set by api.evaluate)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "source"}
 
 
 @torch.inference_mode()

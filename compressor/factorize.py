@@ -25,49 +25,14 @@ from compressor.errors import UsageError
 from compressor.math import allocate
 from compressor.math.factorize import Decomposition, svd_decomposition, whitened_decomposition
 from compressor.pipeline import CALIBRATION_BATCH, iterate_blocks
-from compressor.precision import check_calib_dtype, decomposition_dtype, resolve_calib_dtype
+from compressor.options import FactorizeOptions
+from compressor.precision import decomposition_dtype, resolve_calib_dtype
 from compressor.progress import track
 from compressor.residency import Spill, release
 from compressor.sensitivity import fisher_scale, layer_sensitivities, output_fisher
 from compressor.targets import Target
 
 log = logging.getLogger(__name__)
-
-METHODS = ("fisher", "whiten", "svd")
-ALLOCATIONS = ("global", "relative", "uniform", "welore")
-SENSITIVITY_WINDOWS = 8  # windows of the output-Fisher backward pass (16: 0.3-2.8 % lower perplexity, ~12 s more on SmolLM2)
-
-
-@dataclass(frozen=True)
-class FactorizeOptions:
-    target: float
-    method: str = "fisher"
-    alloc: str = "global"
-    sequential: bool = False
-    floor_fraction: float = 0.5  # global allocation: no matrix below this share of its uniform rank
-    calib_dtype: str = "auto"  # matmul dtype of the calibration passes (precision.resolve_calib_dtype)
-    fisher_windows: int = SENSITIVITY_WINDOWS  # calibration windows of the output-Fisher pass (at most all of them)
-
-    def validate(self) -> None:
-        allocate.check_target(self.target)
-        if self.method not in METHODS:
-            raise UsageError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.alloc not in ALLOCATIONS:
-            raise UsageError(f"unknown --alloc {self.alloc!r}; choose one of {', '.join(ALLOCATIONS)}")
-        check_calib_dtype(self.calib_dtype)
-        if self.fisher_windows < 1:
-            raise UsageError(f"--fisher-windows must be at least 1, got {self.fisher_windows}")
-        if not 0 <= self.floor_fraction <= 1:
-            raise UsageError(f"floor fraction must be in [0, 1], got {self.floor_fraction}")
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.method != "svd" or self.alloc == "global"
-
-    @property
-    def needs_fisher(self) -> bool:
-        return self.method == "fisher" or self.alloc == "global"
-
 
 @dataclass
 class ModulePlan:
@@ -330,7 +295,6 @@ def factorize_model(
     pass-1 singular vectors, in files there rather than in memory (the model then reads its
     factors from those files).
     """
-    options.validate()
     if options.needs_calibration and calibration is None:
         raise UsageError(f"--method {options.method} --alloc {options.alloc} needs calibration data")
     start = time.perf_counter()

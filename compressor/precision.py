@@ -11,9 +11,7 @@ import contextlib
 import torch
 from torch import nn
 
-from compressor.errors import UsageError
-
-CALIB_DTYPES = ("auto", "float32", "bfloat16")
+from compressor.options import check_calib_dtype
 
 
 def _fast_bfloat16(device: torch.device) -> bool:
@@ -23,11 +21,6 @@ def _fast_bfloat16(device: torch.device) -> bool:
         probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
     return False
-
-
-def check_calib_dtype(name: str) -> None:
-    if name not in CALIB_DTYPES:
-        raise UsageError(f"unknown --calib-dtype {name!r}; choose one of {', '.join(CALIB_DTYPES)}")
 
 
 def resolve_calib_dtype(name: str, model: nn.Module) -> torch.dtype | None:

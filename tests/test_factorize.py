@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import compressor
+from compressor.options import CalibrationOptions
 from compressor import api
 from compressor.calibration.sources import load_calibration
 from compressor.cli import run
@@ -20,7 +21,7 @@ from compressor.targets import find_blocks, select_targets
 
 
 def _calibration(tiny, text_file, samples=6, seq_len=24):
-    return load_calibration(str(text_file), tiny.tokenizer, samples=samples, seq_len=seq_len, seed=0)
+    return load_calibration(CalibrationOptions(str(text_file), samples=samples, seq_len=seq_len, seed=0), tiny.tokenizer)
 
 
 def _fresh(tiny):
@@ -92,7 +93,7 @@ def test_saved_checkpoint_loads_with_identical_logits(tiny_llama, text_file, tmp
     loaded = load_model(str(tiny_llama.path))
     out = tmp_path / "factored"
     result = api.factorize(
-        loaded, FactorizeOptions(0.6), calib=str(text_file), calib_samples=6, seq_len=24, output=out
+        loaded, FactorizeOptions(0.6), CalibrationOptions(str(text_file), samples=6, seq_len=24), output=out
     )
     assert result.file_bytes and result.file_bytes > 0
     ids = torch.tensor([[1, 5, 9, 14, 30, 2, 7, 8]])
@@ -131,7 +132,7 @@ def test_factors_are_spilled_to_files_while_factorizing(tiny_llama, text_file, t
     original = compressor.factorize.factorize_model
     compressor.factorize.factorize_model = spy
     try:
-        api.factorize(loaded, FactorizeOptions(0.6, sequential=True), calib=str(text_file), calib_samples=6, seq_len=24, output=tmp_path / "out")
+        api.factorize(loaded, FactorizeOptions(0.6, sequential=True), CalibrationOptions(str(text_file), samples=6, seq_len=24), output=tmp_path / "out")
     finally:
         compressor.factorize.factorize_model = original
     factored = factored_modules(loaded.model)
@@ -170,8 +171,8 @@ def test_spill_folder_removed_when_writing_fails(tiny_llama, text_file, tmp_path
 
     monkeypatch.setattr(checkpoint_format, "save_factored", fail)
     with pytest.raises(OSError):
-        api.factorize(load_model(str(tiny_llama.path)), FactorizeOptions(0.6), calib=str(text_file),
-                      calib_samples=6, seq_len=24, output=tmp_path / "out")
+        api.factorize(load_model(str(tiny_llama.path)), FactorizeOptions(0.6), CalibrationOptions(str(text_file), samples=6, seq_len=24),
+                      output=tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -223,7 +224,7 @@ def test_fisher_windows_are_recorded_as_run(tiny_llama, text_file, tmp_path):
     import inspect
 
     from compressor.cli import factorize_command
-    from compressor.factorize import SENSITIVITY_WINDOWS
+    from compressor.options import SENSITIVITY_WINDOWS
 
     assert inspect.signature(factorize_command).parameters["fisher_windows"].default == SENSITIVITY_WINDOWS
     common = ["--target", "0.5", "--calib", str(text_file), "--calib-samples", "4", "--seq-len", "16"]
@@ -247,8 +248,8 @@ def test_verify_detects_nan(tiny_llama, text_file, tmp_path):
     from safetensors.torch import load_file, save_file
 
     out = tmp_path / "f"
-    api.factorize(load_model(str(tiny_llama.path)), FactorizeOptions(0.5), calib=str(text_file),
-                  calib_samples=4, seq_len=16, output=out)
+    api.factorize(load_model(str(tiny_llama.path)), FactorizeOptions(0.5), CalibrationOptions(str(text_file), samples=4, seq_len=16),
+                  output=out)
     file = out / "model.safetensors"
     tensors = load_file(file)
     name = next(k for k in tensors if k.endswith("weight_a"))
@@ -359,7 +360,7 @@ def test_calib_dtype_resolution(tiny_llama):
     with pytest.raises(UsageError):
         resolve_calib_dtype("float8", model)
     with pytest.raises(UsageError):
-        FactorizeOptions(0.5, calib_dtype="half").validate()
+        FactorizeOptions(0.5, calib_dtype="half")
 
 
 def test_sequential_leaves_dense_targets_and_all_dense_blocks_alone(tiny_llama, text_file, monkeypatch):
@@ -496,7 +497,7 @@ def test_the_tokenizer_waits_on_disk_during_the_passes_and_comes_back_the_same(t
         return original(*args, **kwargs)
 
     monkeypatch.setattr(compressor.factorize, "factorize_model", spy)
-    api.factorize(loaded, FactorizeOptions(0.6), calib=str(text_file), calib_samples=6, seq_len=24, output=tmp_path / "out")
+    api.factorize(loaded, FactorizeOptions(0.6), CalibrationOptions(str(text_file), samples=6, seq_len=24), output=tmp_path / "out")
     assert during == [None]  # not in memory while the passes ran
     assert type(loaded.tokenizer) is tokenizer_class
     text = "the quick brown fox"
@@ -515,6 +516,6 @@ def test_the_tokenizer_comes_back_when_factorizing_fails(tiny_llama, text_file, 
     loaded = load_model(str(tiny_llama.path))
     monkeypatch.setattr(compressor.factorize, "factorize_model", fail)
     with pytest.raises(RuntimeError, match="boom"):
-        api.factorize(loaded, FactorizeOptions(0.6), calib=str(text_file), calib_samples=6, seq_len=24, output=tmp_path / "out")
+        api.factorize(loaded, FactorizeOptions(0.6), CalibrationOptions(str(text_file), samples=6, seq_len=24), output=tmp_path / "out")
     assert loaded.tokenizer is not None and loaded.tokenizer("a b")["input_ids"]
     assert list(tmp_path.iterdir()) == []

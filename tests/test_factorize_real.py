@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from compressor.options import CalibrationOptions
 from compressor import api
 from compressor.calibration.sources import tokenize_text
 from compressor.evaluate import perplexity
@@ -23,7 +24,7 @@ def test_smollm2_factorized_at_0_8_stays_good(smollm2, shared_data):
     model = copy.deepcopy(smollm2.model)
     loaded = copy.copy(smollm2)
     loaded.model = model
-    calibration = api.calibrate(loaded, str(shared_data / "wikitext2-valid.txt"), samples=8, seq_len=256, seed=0)
+    calibration = api.calibrate(loaded, CalibrationOptions(str(shared_data / "wikitext2-valid.txt"), samples=8, seq_len=256, seed=0))
     targets = select_targets(model)
     assert len(targets) == 210
     outcome = factorize_model(model, targets, FactorizeOptions(0.8, method="fisher", alloc="global", sequential=False), calibration)

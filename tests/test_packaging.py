@@ -64,3 +64,38 @@ def test_transformers_and_compressor_import_from_the_repository_root(installed):
     assert ok == "ok"
     if not installed:
         assert found == "False"
+
+
+def _python(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip()
+
+
+def test_the_cli_parses_without_torch_or_transformers():
+    """`compress --help` and flag errors answer at once: nothing heavy is imported to parse."""
+    printed = _python(
+        """
+        import sys
+        from compressor.cli import run
+        assert run(["--help"]) == 0
+        assert run(["factorize", "--help"]) == 0
+        assert run(["factorize", "m", "--target", "2", "-o", "x"]) == 2
+        print(sorted(m for m in ("torch", "transformers") if m in sys.modules))
+        """
+    )
+    assert printed.splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("order", ["compressor first", "transformers first"])
+def test_import_compressor_registers_the_format_with_transformers(order):
+    first, second = ("compressor", "transformers") if order == "compressor first" else ("transformers", "compressor")
+    printed = _python(
+        f"""
+        import {first}
+        import {second}
+        from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+        print("compress_lowrank" in AUTO_QUANTIZATION_CONFIG_MAPPING and "compress_lowrank" in AUTO_QUANTIZER_MAPPING)
+        """
+    )
+    assert printed.splitlines()[-1] == "True"

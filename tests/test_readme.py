@@ -41,7 +41,7 @@ def test_readme_commands_name_real_flags():
     """Every `compress CMD --flag` written in the README's code names a flag the command has."""
     command = typer.main.get_command(app)
     text = README.read_text(encoding="utf-8")
-    for cmd, rest in re.findall(r"compress ([a-z-]+) ([^\n`|]*)", text):
+    for cmd, rest in re.findall(r"compress ([a-z-]+) ([^\n`|&;]*)", text):
         if cmd not in command.commands:
             continue
         known = {o for p in command.commands[cmd].params for o in (*p.opts, *p.secondary_opts)}

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import compressor
+from compressor.options import CalibrationOptions
 from compressor import api, loading
 from compressor.calibration.sources import load_calibration
 from compressor.pipeline import collect_grams_whole_model, iterate_blocks
@@ -92,7 +93,7 @@ def test_smollm2_layer_loop_matches_whole_model(smollm2, tmp_path):
     """On the real model (rotary embeddings, GQA): the block loop sees what a full forward sees."""
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    calib = load_calibration(str(text), smollm2.tokenizer, samples=2, seq_len=32, seed=0)
+    calib = load_calibration(CalibrationOptions(str(text), samples=2, seq_len=32, seed=0), smollm2.tokenizer)
     targets = [t for t in select_targets(smollm2.model) if t.block_index in (0, 1)]
     batches = calib.batches(2)
     looped = {}

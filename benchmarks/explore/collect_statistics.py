@@ -14,6 +14,7 @@ import time
 import torch
 from pathlib import Path
 from torch import nn
+from compressor.options import CalibrationOptions
 from compressor import api
 from compressor.loading import load_model
 from compressor.targets import select_targets
@@ -26,7 +27,7 @@ OUT.mkdir(parents=True, exist_ok=True)
 NGRAD = int(sys.argv[1]) if len(sys.argv) > 1 else 16
 loaded = load_model("smollm2-135m")
 model = loaded.model
-cal = api.calibrate(loaded, str(DATA / "wikitext2-valid.txt"), samples=64, seq_len=512, seed=0)
+cal = api.calibrate(loaded, CalibrationOptions(str(DATA / "wikitext2-valid.txt"), samples=64, seq_len=512, seed=0))
 targets = select_targets(model)
 t0 = time.time()
 if not Path(OUT / "grams.pt").exists():

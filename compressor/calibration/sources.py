@@ -16,6 +16,7 @@ import torch
 
 from compressor.errors import InvalidInputError, UsageError
 from compressor.math.sampling import sample_top_p
+from compressor.options import CalibrationOptions
 from compressor.precision import autocast_to
 from compressor.progress import track
 from compressor.residency import release
@@ -45,51 +46,36 @@ class CalibrationSet:
         return list(self.input_ids.split(batch_size))
 
 
-def check_sizes(samples: int, seq_len: int) -> None:
-    if samples < 1:
-        raise UsageError(f"--calib-samples must be at least 1, got {samples}")
-    if seq_len < 2:
-        raise UsageError(f"--seq-len must be at least 2, got {seq_len}")
-
-
-def check_spec(spec: str) -> None:
-    """Reject a calibration SPEC that cannot work before anything slow starts."""
-    if spec == "self" or spec.startswith("hf:"):
-        return
-    path = Path(spec)
-    if path.suffix.lower() not in (".txt", ".jsonl"):
-        raise UsageError(f"unknown calibration source {spec!r}: use a .txt or .jsonl file, hf:NAME, or self")
-    if not path.is_file():
-        raise InvalidInputError(f"calibration file not found: {spec}")
-
-
 def load_calibration(
-    spec: str,
+    options: CalibrationOptions,
     tokenizer,
     model=None,
     *,
-    samples: int = 64,
-    seq_len: int = 512,
-    seed: int = 0,
     compute_dtype: torch.dtype | None = None,
 ) -> CalibrationSet:
-    """``compute_dtype``: autocast dtype of the model while it generates (``self``)."""
-    check_sizes(samples, seq_len)
+    """The calibration windows ``options`` ask for (already validated when they were made).
+
+    ``model``: the model that generates ``self`` calibration; ``compute_dtype``: its autocast dtype
+    while it generates."""
+    spec, samples, seq_len, seed = options.spec, options.samples, options.seq_len, options.seed
     if spec == "self":
         if model is None:
             raise UsageError("--calib self needs the model to generate from")
         return _self_generated(model, tokenizer, samples, seq_len, seed, compute_dtype)
-    check_spec(spec)
     if spec.startswith("hf:"):
         text = _hf_text(spec)
     else:
         path = Path(spec)
-        text = _jsonl_text(path) if path.suffix.lower() == ".jsonl" else _read_text(path)
+        text = _jsonl_text(path) if path.suffix.lower() == ".jsonl" else read_text(path, "calibration")
     ids = tokenize_text(tokenizer, text)
     return _random_windows(ids, spec, samples, seq_len, seed)
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: str | Path, what: str = "data") -> str:
+    """A whole UTF-8 text file; ``what`` names it in the error when it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f"{what} file not found: {path}")
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -98,7 +84,7 @@ def _read_text(path: Path) -> str:
 
 def _jsonl_text(path: Path) -> str:
     texts = []
-    for number, line in enumerate(_read_text(path).splitlines(), 1):
+    for number, line in enumerate(read_text(path, "calibration").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -112,9 +98,7 @@ def _jsonl_text(path: Path) -> str:
 
 
 def _hf_text(spec: str) -> str:
-    parts = spec[3:].split(":")
-    if not parts[0] or len(parts) > 3:
-        raise UsageError(f"bad dataset spec {spec!r}: use hf:NAME[:CONFIG[:SPLIT]]")
+    parts = spec[3:].split(":")  # hf:NAME[:CONFIG[:SPLIT]], its syntax checked by CalibrationOptions
     name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), (
         parts[2] if len(parts) > 2 else "train"
     )

@@ -37,14 +37,8 @@ def kept_fraction(plan: Plan, shapes: Sequence[Shape]) -> float:
     return plan_cost(plan, shapes) / sum(m * n for m, n in shapes)
 
 
-def check_target(target: float) -> None:
-    if not 0 < target <= 1:
-        raise UsageError(f"target must be in (0, 1], got {target}")
-
-
 def uniform_plan(shapes: Sequence[Shape], target: float) -> Plan:
     """Every matrix keeps the same fraction: r = ⌊R·mn/(m+n)⌋ (R = 1 keeps everything dense)."""
-    check_target(target)
     if target == 1:
         return [None] * len(shapes)
     plan: Plan = []
@@ -60,7 +54,6 @@ def welore_plan(spectra: Sequence[torch.Tensor], shapes: Sequence[Shape], target
     Each matrix keeps the singular values with σ/σ₁ ≥ τ; τ is the smallest threshold whose
     plan fits the budget. Returns the plan and τ.
     """
-    check_target(target)
     budget = target * sum(m * n for m, n in shapes)
     normalized = [s.to(torch.float64) / s[0] if s.numel() and s[0] > 0 else s.to(torch.float64) for s in spectra]
 
@@ -98,7 +91,6 @@ def greedy_plan(
     first, each matrix's in order, then the leftover budget is filled with whatever still fits.
     ``floors`` are minimum ranks, paid for first.
     """
-    check_target(target)
     total = sum(m * n for m, n in shapes)
     budget = int(target * total)
     weights = [1.0] * len(shapes) if weights is None else list(weights)
