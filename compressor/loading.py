@@ -7,9 +7,7 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from torch import nn
 
 from compressor.architecture import has_lm_head, is_causal_architecture, model_class
 from compressor.errors import InvalidInputError, OutOfResourcesError, UsageError, first_line
+from compressor.formats.atomic import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -207,16 +206,9 @@ def convert_gguf(path: Path, out: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.compress_source = {"gguf_file": str(path.resolve())}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        with atomic_dir(out, overwrite=True) as tmp:  # a half-written cache is never read as whole
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     except OSError as e:
         raise OutOfResourcesError(f"cannot write the GGUF cache at {out}: {e}") from e
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
