@@ -199,6 +199,32 @@ def test_usage_error_before_loading(capsys, monkeypatch, tiny_llama):
     assert code == 2, err
 
 
+def test_bad_output_or_input_fails_before_loading(capsys, monkeypatch, tiny_llama, small_text_file, tmp_path):
+    """Everything the flags name is checked before the (slow) model load, and only once."""
+
+    def no_load(*a, **k):
+        raise AssertionError("the model should not be loaded")
+
+    monkeypatch.setattr(compressor.loading, "load_model", no_load)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "file").write_text("x")
+    factorize = ["factorize", tiny_llama.path, "--target", "0.5", "--calib", small_text_file]
+    for args, code in (
+        ([*factorize, "-o", taken], 2),  # a non-empty output folder without --overwrite
+        ([*factorize, "-o", small_text_file], 2),  # an output that is a file
+        (["factorize", tiny_llama.path, "--target", "0.5", "--calib", tmp_path / "none.txt", "-o", tmp_path / "o"], 3),
+        (["factorize", tiny_llama.path, "--target", "0.5", "--calib", "data.csv", "-o", tmp_path / "o"], 2),
+        (["factorize", tiny_llama.path, "--target", "0.5", "--method", "qr", "-o", tmp_path / "o"], 2),
+        (["eval", tiny_llama.path, "--data", tmp_path / "none.txt"], 3),
+        (["verify", tmp_path / "o", "--against", tiny_llama.path], 2),
+        (["export-dense", tmp_path / "o", "-o", taken], 2),
+    ):
+        got, _, err = _run(capsys, *args)
+        assert got == code, (args, err)
+        _assert_one_error_line(err)
+
+
 # ---------------------------------------------------------------- invalid input: 3
 
 
