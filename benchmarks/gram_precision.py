@@ -7,7 +7,7 @@ inside the collecting hooks), each batch's product rounded to 8 significant bits
 target of the chosen SmolLM2 blocks this collects its Gram three ways over the same inputs:
 as the tool does (bfloat16 products of the rows), with each batch's rows centered on their
 mean first (bfloat16 products of the centered rows, the mean's part n·μμᵀ added in float64;
-measured, not taken: see the README), and with float32 products (the reference); then it prints the
+measured, not taken: see docs/calibration-precision.md), and with float32 products (the reference); then it prints the
 relative difference of the whitened energy beyond rank ⌊0.55·min(out, in)⌋ from the
 reference's, and how far the leading subspace of that rank moved (Frobenius norm of the
 difference of the two projectors; 0 = the same subspace).

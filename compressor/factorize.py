@@ -6,7 +6,7 @@ gradient, from one backward pass over a few windows), whitened only, or plain. T
 is made from those spectra. Then either the pass-1 decompositions are cut to the plan
 (one-shot, the default), or, with ``sequential``, a second pass re-whitens each block on the
 inputs that the already-factored blocks before it produce: up to 3 % lower perplexity at strong
-compression, for twice the time (README, *Factorization quality*).
+compression, for twice the time (docs/factorize.md).
 """
 
 from __future__ import annotations

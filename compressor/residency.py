@@ -167,8 +167,8 @@ def bound_kernel_caches(capacity: int = KERNEL_CACHE_CAPACITY) -> None:
     Each new matrix shape in a bfloat16 product compiles a kernel that stays cached. A
     sequential factorization runs a new shape for nearly every factored matrix (their ranks
     differ), so its resident set grew block after block: SmolLM2's default run peaked at
-    0.833 GiB with 1,024 entries and 0.759-0.784 GiB with 64, in the same time (README,
-    *Factorization speed and memory*). The libraries read these variables when they first
+    0.833 GiB with 1,024 entries and 0.759-0.784 GiB with 64, in the same time (docs/performance.md,
+    step 7 of *What brought the peak down*). The libraries read these variables when they first
     compile a kernel, so this must run before the process's first bfloat16 product.
     """
     for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):

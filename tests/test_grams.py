@@ -220,7 +220,7 @@ def test_the_loop_writes_each_blocks_outputs_into_its_inputs_tensors(fixture, re
 
 
 def test_products_follow_the_pass_precision():
-    """What the README states: under bfloat16 autocast the Gram's products are bfloat16 (rounded
+    """What docs/calibration-precision.md states: under bfloat16 autocast the Gram's products are bfloat16 (rounded
     per batch), otherwise float32; the float64 sum is the same either way."""
     g = torch.Generator().manual_seed(0)
     x = 50 + torch.randn(1024, 32, generator=g)

@@ -1,6 +1,7 @@
 """Calibration data (``--calib SPEC``) and the activation statistics collected from it.
 
-Installed as ``compressor.calibration``.
+A subpackage of ``compressor``, never a top-level ``calibration``: nothing of ours may shadow
+another distribution's package (tests/test_packaging.py).
 """
 
 from compressor.calibration.grams import Gram, GramCollector
