@@ -589,3 +589,45 @@ def test_atomic_dir_on_interrupt(tmp_path):
         assert tmp.parent == dest.parent and tmp != dest
         (tmp / "done.txt").write_text("ok")
     assert (dest / "done.txt").read_text() == "ok" and list(dest.parent.iterdir()) == [dest]
+
+
+def test_legacy_layer_norm_names_are_accepted(saved, tmp_path):
+    """transformers renames LayerNorm.gamma/beta on load (and 5.0 writes them back when it saves a
+    model it loaded): a folder with those names is valid and loads equal."""
+    kind, model, _, out = saved
+    folder = _copy(out, tmp_path)
+    renamed = []
+
+    def legacy(tensors):
+        for key in [k for k in tensors if k.endswith(("LayerNorm.weight", "LayerNorm.bias"))]:
+            new = key.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+            tensors[new] = tensors.pop(key)
+            renamed.append(new)
+
+    _rewrite(folder, legacy)
+    assert renamed or kind != "bert"
+    loaded, _ = load_factored(folder)
+    ids = _ids(6)
+    torch.testing.assert_close(_outputs(loaded, ids), _outputs(model, ids), atol=1e-6, rtol=0)
+
+
+def test_a_moe_model_whose_experts_transformers_converts_round_trips(tmp_path):
+    """Where transformers converts an architecture's tensors while loading (Mixtral's experts are
+    stored one by one and fused on load), the factored modules are still checked by name and the
+    rest is left to the load's own report."""
+    config = transformers.MixtralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config).eval()
+    factors = {name: fs for name, fs in _svd_factors(model).items() if name.endswith(("q_proj", "o_proj"))}
+    apply_factors(model, factors)
+    out = save_factored(model, None, tmp_path / "moe", METADATA)
+    loaded, _ = load_factored(out)
+    ids = _ids(7)
+    torch.testing.assert_close(_outputs(loaded, ids), _outputs(model, ids), atol=1e-5, rtol=0)
+    name = next(iter(factors))
+    _rewrite(out, lambda t: t.pop(f"{name}.weight_b"))
+    with pytest.raises(InvalidInputError, match=rf"missing {name}\.weight_b"):
+        load_factored(out)

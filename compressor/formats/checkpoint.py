@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +43,14 @@ SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 PROBLEMS_SHOWN = 8
+# Names that transformers renames while loading, for every architecture, and that some releases
+# (5.0) write back when they save a model they loaded: checkpoint name → model name.
+LEGACY_RENAMES = (
+    (re.compile(r"LayerNorm\.gamma$"), "LayerNorm.weight"),
+    (re.compile(r"LayerNorm\.beta$"), "LayerNorm.bias"),
+    (re.compile(r"\.weight_g$"), ".parametrizations.weight.original0"),
+    (re.compile(r"\.weight_v$"), ".parametrizations.weight.original1"),
+)
 # Keys of quantization_config that the format owns; caller metadata may not set them.
 _RESERVED_KEYS = frozenset({"quant_method", "format_version", "ranks"})
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
@@ -181,6 +190,24 @@ class _Expected:
     buffers: dict[str, tuple[int, ...]]
     factored: dict[str, str]  # recorded module name → its name in the model
     geometry: dict[str, tuple[int, int]]  # model module name → (out, in)
+    converted: bool  # transformers converts this architecture's other tensors while loading
+
+
+def _conversions_apply(config: Any) -> bool:
+    """Whether transformers converts this architecture's tensors while loading (fuses MoE experts,
+    renames): then only the factored modules can be checked by name here, and the rest is left to
+    the report of the load that follows."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return False
+    return bool(get_checkpoint_conversion_mapping(getattr(config, "model_type", None)))
+
+
+def _model_name(key: str) -> str:
+    for pattern, replacement in LEGACY_RENAMES:
+        key = pattern.sub(replacement, key)
+    return key
 
 
 def _expected_tensors(folder: Path, ranks: Mapping[str, int]) -> _Expected:
@@ -224,7 +251,7 @@ def _expected_tensors(folder: Path, ranks: Mapping[str, int]) -> _Expected:
     param_names = {n for names, _ in parameters for n in names}
     buffers = {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if k not in param_names}
     geometry = {name: (m.out_features, m.in_features) for name, m in factored_modules(skeleton).items()}
-    return _Expected(parameters, buffers, factored, geometry)
+    return _Expected(parameters, buffers, factored, geometry, _conversions_apply(config))
 
 
 def validate_factored_folder(path: str | os.PathLike[str]) -> FactoredFolder:
@@ -240,11 +267,12 @@ def validate_factored_folder(path: str | os.PathLike[str]) -> FactoredFolder:
     problems = _Problems()
     tensors = read_tensor_headers(folder, problems)
     expected = _expected_tensors(folder, ranks)
+    by_model_name = {_model_name(key): header for key, header in tensors.items()}
     misfits: set[str] = set()  # factors of another rank than recorded: reported as such, once
     for recorded, rank in ranks.items():
         name = expected.factored[recorded]
         out_features, in_features = expected.geometry[name]
-        a, b = tensors.get(f"{name}.weight_a"), tensors.get(f"{name}.weight_b")
+        a, b = by_model_name.get(f"{name}.weight_a"), by_model_name.get(f"{name}.weight_b")
         if a is not None and b is not None and len(a.shape) == len(b.shape) == 2:
             if (a.shape[1], b.shape[0]) == (in_features, out_features) and a.shape[0] == b.shape[1] != rank:
                 problems.append(f"{recorded}: config.json records rank {rank}, its factors have rank {a.shape[0]}")
@@ -252,20 +280,24 @@ def validate_factored_folder(path: str | os.PathLike[str]) -> FactoredFolder:
         for header, key in ((a, "weight_a"), (b, "weight_b")):
             if header is not None and header.dtype not in FLOAT_DTYPES:
                 problems.append(f"{name}.{key} is {header.dtype}, not a floating-point tensor")
+    factored_prefixes = tuple(f"{name}." for name in expected.factored.values())
+    checked = (lambda n: n.startswith(factored_prefixes)) if expected.converted else (lambda n: True)
     known: set[str] = set()
     for names, shape in expected.parameters:
         known.update(names)
-        present = [n for n in names if n in tensors]
+        if not any(checked(n) for n in names):
+            continue
+        present = [n for n in names if n in by_model_name]
         if not present:
             problems.append(f"missing {names[0]} {list(shape)}")
         for n in present:
-            if tensors[n].shape != shape and n not in misfits:
-                problems.append(f"{n} is {list(tensors[n].shape)}, the model needs {list(shape)}")
+            if by_model_name[n].shape != shape and n not in misfits:
+                problems.append(f"{n} is {list(by_model_name[n].shape)}, the model needs {list(shape)}")
     for n, shape in expected.buffers.items():
         known.add(n)
-        if n in tensors and tensors[n].shape != shape:
-            problems.append(f"{n} is {list(tensors[n].shape)}, the model needs {list(shape)}")
-    unexpected = sorted(set(tensors) - known)
+        if n in by_model_name and by_model_name[n].shape != shape:
+            problems.append(f"{n} is {list(by_model_name[n].shape)}, the model needs {list(shape)}")
+    unexpected = sorted(key for key in tensors if _model_name(key) not in known and checked(_model_name(key)))
     if unexpected:
         shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
         problems.append(f"unexpected tensors: {shown}")
