@@ -631,3 +631,28 @@ def test_a_moe_model_whose_experts_transformers_converts_round_trips(tmp_path):
     _rewrite(out, lambda t: t.pop(f"{name}.weight_b"))
     with pytest.raises(InvalidInputError, match=rf"missing {name}\.weight_b"):
         load_factored(out)
+
+
+def test_a_model_whose_tensor_names_transformers_renames_round_trips(tmp_path):
+    """A Llava checkpoint names the language model `language_model.model.…` where the model in
+    memory has `model.language_model.…` (save_pretrained reverts transformers' renamings): the
+    factors are found under either name, and a missing one is still refused."""
+    text = dict(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=16, patch_size=8)
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(text_config=text, vision_config=vision)).eval()
+    factors = {}
+    for name in ("model.language_model.layers.0.self_attn.q_proj", "model.language_model.layers.1.mlp.down_proj"):
+        u, s, vh = torch.linalg.svd(model.get_submodule(name).weight.detach().double(), full_matrices=False)
+        factors[name] = ((u[:, :RANK] * s[:RANK]).float(), vh[:RANK].float())
+    apply_factors(model, factors)
+    out = save_factored(model, None, tmp_path / "llava", METADATA)
+    loaded, _ = load_factored(out)
+    ids = _ids(8)
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=0)
+    stored = [k for k in load_file(str(out / "model.safetensors")) if k.endswith("q_proj.weight_a")]
+    _rewrite(out, lambda t: t.pop(stored[0]))
+    with pytest.raises(InvalidInputError, match=r"missing model\.language_model\.layers\.0\.self_attn\.q_proj\.weight_a"):
+        load_factored(out)

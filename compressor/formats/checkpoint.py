@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,14 +42,6 @@ SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 PROBLEMS_SHOWN = 8
-# Names that transformers renames while loading, for every architecture, and that some releases
-# (5.0) write back when they save a model they loaded: checkpoint name → model name.
-LEGACY_RENAMES = (
-    (re.compile(r"LayerNorm\.gamma$"), "LayerNorm.weight"),
-    (re.compile(r"LayerNorm\.beta$"), "LayerNorm.bias"),
-    (re.compile(r"\.weight_g$"), ".parametrizations.weight.original0"),
-    (re.compile(r"\.weight_v$"), ".parametrizations.weight.original1"),
-)
 # Keys of quantization_config that the format owns; caller metadata may not set them.
 _RESERVED_KEYS = frozenset({"quant_method", "format_version", "ranks"})
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
@@ -190,24 +181,31 @@ class _Expected:
     buffers: dict[str, tuple[int, ...]]
     factored: dict[str, str]  # recorded module name → its name in the model
     geometry: dict[str, tuple[int, int]]  # model module name → (out, in)
-    converted: bool  # transformers converts this architecture's other tensors while loading
+    rename: _Renamer  # checkpoint name → model name
 
 
-def _conversions_apply(config: Any) -> bool:
-    """Whether transformers converts this architecture's tensors while loading (fuses MoE experts,
-    renames): then only the factored modules can be checked by name here, and the rest is left to
-    the report of the load that follows."""
-    try:
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-    except ImportError:
-        return False
-    return bool(get_checkpoint_conversion_mapping(getattr(config, "model_type", None)))
+class _Renamer:
+    """Checkpoint tensor name → the model's, as transformers renames it while loading.
 
+    ``save_pretrained`` reverts transformers' conversions, so a folder can name tensors otherwise
+    than the model in memory does: legacy names for every architecture (``LayerNorm.gamma``, and
+    5.0 writes them back when it saves a model it loaded), prefixes of multimodal models
+    (``language_model.model.…``). The renamings are transformers' own; where it also converts
+    tensors while loading (fuses MoE experts), ``converts`` is set: only the factored modules can
+    then be checked by name here, and the rest is left to the report of the load that follows."""
 
-def _model_name(key: str) -> str:
-    for pattern, replacement in LEGACY_RENAMES:
-        key = pattern.sub(replacement, key)
-    return key
+    def __init__(self, skeleton: Any) -> None:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        conversions = copy.deepcopy(get_model_conversion_mapping(skeleton))  # renaming marks them used
+        self.renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+        self.converts = len(self.renamings) < len(conversions)
+
+    def __call__(self, key: str) -> str:
+        for renaming in self.renamings:
+            key, _ = renaming.rename_source_key(key)
+        return key
 
 
 def _expected_tensors(folder: Path, ranks: Mapping[str, int]) -> _Expected:
@@ -251,7 +249,7 @@ def _expected_tensors(folder: Path, ranks: Mapping[str, int]) -> _Expected:
     param_names = {n for names, _ in parameters for n in names}
     buffers = {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if k not in param_names}
     geometry = {name: (m.out_features, m.in_features) for name, m in factored_modules(skeleton).items()}
-    return _Expected(parameters, buffers, factored, geometry, _conversions_apply(config))
+    return _Expected(parameters, buffers, factored, geometry, _Renamer(skeleton))
 
 
 def validate_factored_folder(path: str | os.PathLike[str]) -> FactoredFolder:
@@ -267,7 +265,8 @@ def validate_factored_folder(path: str | os.PathLike[str]) -> FactoredFolder:
     problems = _Problems()
     tensors = read_tensor_headers(folder, problems)
     expected = _expected_tensors(folder, ranks)
-    by_model_name = {_model_name(key): header for key, header in tensors.items()}
+    model_names = {key: expected.rename(key) for key in tensors}
+    by_model_name = {model_names[key]: header for key, header in tensors.items()}
     misfits: set[str] = set()  # factors of another rank than recorded: reported as such, once
     for recorded, rank in ranks.items():
         name = expected.factored[recorded]
@@ -281,7 +280,7 @@ def validate_factored_folder(path: str | os.PathLike[str]) -> FactoredFolder:
             if header is not None and header.dtype not in FLOAT_DTYPES:
                 problems.append(f"{name}.{key} is {header.dtype}, not a floating-point tensor")
     factored_prefixes = tuple(f"{name}." for name in expected.factored.values())
-    checked = (lambda n: n.startswith(factored_prefixes)) if expected.converted else (lambda n: True)
+    checked = (lambda n: n.startswith(factored_prefixes)) if expected.rename.converts else (lambda n: True)
     known: set[str] = set()
     for names, shape in expected.parameters:
         known.update(names)
@@ -297,7 +296,7 @@ def validate_factored_folder(path: str | os.PathLike[str]) -> FactoredFolder:
         known.add(n)
         if n in by_model_name and by_model_name[n].shape != shape:
             problems.append(f"{n} is {list(by_model_name[n].shape)}, the model needs {list(shape)}")
-    unexpected = sorted(key for key in tensors if _model_name(key) not in known and checked(_model_name(key)))
+    unexpected = sorted(key for key, name in model_names.items() if name not in known and checked(name))
     if unexpected:
         shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
         problems.append(f"unexpected tensors: {shown}")
