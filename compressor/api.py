@@ -68,6 +68,20 @@ def evaluate(
     return dataclasses.replace(result, source=loaded.source)
 
 
+def _calibration_options(calibration: CalibrationOptions | CalibrationSet | str | None) -> CalibrationOptions | CalibrationSet | None:
+    """What a caller may pass as calibration: options (a SPEC string gets the default sizes), or
+    windows already made by :func:`calibrate`. Checked before anything loads."""
+    if isinstance(calibration, str):
+        return CalibrationOptions(calibration)
+    if calibration is None or isinstance(calibration, (CalibrationOptions, CalibrationSet)):
+        return calibration
+    raise UsageError(f"calibration must be CalibrationOptions, a SPEC string or a CalibrationSet, not {type(calibration).__name__}")
+
+
+def _windows(loaded: LoadedModel, calibration: CalibrationOptions | CalibrationSet, calib_dtype: str) -> CalibrationSet:
+    return calibration if isinstance(calibration, CalibrationSet) else calibrate(loaded, calibration, calib_dtype=calib_dtype)
+
+
 def calibrate(loaded: LoadedModel, options: CalibrationOptions, *, calib_dtype: str = "auto") -> CalibrationSet:
     """Calibration windows; ``calib_dtype``: matmul dtype while the model generates them (``self``)."""
     loaded.check_seq_len(options.seq_len)
@@ -100,7 +114,7 @@ class AnalyzeResult:
 
 def analyze(
     model: LoadedModel | str,
-    calibration: CalibrationOptions | None = None,
+    calibration: CalibrationOptions | CalibrationSet | str | None = None,
     *,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
@@ -114,10 +128,11 @@ def analyze(
     ``calib_dtype``: matmul dtype of the calibration passes (:func:`resolve_calib_dtype`)."""
     check_target(welore_target)
     check_calib_dtype(calib_dtype)
+    calibration = _calibration_options(calibration)
     start = time.perf_counter()
     loaded = _loaded(model, dtype)
     targets = targets_of(loaded, include, exclude)
-    windows = None if calibration is None else calibrate(loaded, calibration, calib_dtype=calib_dtype)
+    windows = None if calibration is None else _windows(loaded, calibration, calib_dtype)
     modules = analyze_model(loaded.model, targets, windows, resolve_calib_dtype(calib_dtype, loaded.model))
     analysis = summarize(modules, welore_target)
     info = windows.info.to_dict() if windows is not None else None
@@ -157,7 +172,7 @@ def folder_bytes(path: Path) -> int:
 def factorize(
     model: LoadedModel | str,
     options: FactorizeOptions,
-    calibration: CalibrationOptions | None = None,
+    calibration: CalibrationOptions | CalibrationSet | str | None = None,
     *,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
@@ -169,7 +184,8 @@ def factorize(
 
     ``model``: a loaded model, or a MODEL spec loaded in ``dtype`` once ``output`` has been found
     usable (so a folder that may not be replaced fails before anything slow). ``calibration``:
-    the default (``self``, 64 windows of 512) when None and the options need calibration.
+    options, a SPEC string, or windows from :func:`calibrate`; the default (``self``, 64 windows
+    of 512) when None and the options need calibration.
 
     While it runs, the factors made so far are kept in a hidden folder beside ``output`` (on its
     disk) rather than in memory, and the model reads them from there. The folder is removed at the
@@ -182,12 +198,13 @@ def factorize(
     from compressor.residency import Spill
 
     start = time.perf_counter()
+    calibration = _calibration_options(calibration)
     dest = None if output is None else check_destination(output, overwrite)
     loaded = _loaded(model, dtype)
     targets = targets_of(loaded, include, exclude)
     calibration_set = None
     if options.needs_calibration:
-        calibration_set = calibrate(loaded, calibration or CalibrationOptions(), calib_dtype=options.calib_dtype)
+        calibration_set = _windows(loaded, calibration or CalibrationOptions(), options.calib_dtype)
     spill_folder: contextlib.AbstractContextManager = contextlib.nullcontext(None)
     if dest is not None:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -236,7 +253,7 @@ def _save_factorized(
         "method": done.method,
         "alloc": done.alloc,
         "sequential": done.sequential,
-        "calib_dtype": done.calib_dtype,
+        "calib_dtype": outcome.plan.calibration_ran_in,
         **({"fisher_windows": done.fisher_windows} if done.needs_fisher else {}),
         "target": options.target,
         "kept_fraction": outcome.plan.kept_fraction,

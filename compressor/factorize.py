@@ -59,9 +59,10 @@ class ModulePlan:
 
 @dataclass
 class FactorizePlan:
-    options: FactorizeOptions
+    options: FactorizeOptions  # what ran, after any fallback (the method, the Fisher windows used)
     modules: list[ModulePlan]
     welore_threshold: float | None = None
+    calibration_ran_in: str | None = None  # the matmul dtype the calibration passes ran in (what --calib-dtype resolved to)
 
     @property
     def params_before(self) -> int:
@@ -86,6 +87,7 @@ class FactorizePlan:
     def to_dict(self) -> dict:
         return {
             "options": asdict(self.options),
+            "calibration_ran_in": self.calibration_ran_in,
             "kept_fraction": self.kept_fraction,
             "params_before": self.params_before,
             "params_after": self.params_after,
@@ -300,8 +302,7 @@ def factorize_model(
     start = time.perf_counter()
     before = count_params(model)
     compute_dtype = resolve_calib_dtype(options.calib_dtype, model)
-    ran_in = compute_dtype or next(model.parameters()).dtype
-    options = replace(options, calib_dtype=str(ran_in).removeprefix("torch."))  # recorded as what ran
+    ran_in = str(compute_dtype or next(model.parameters()).dtype).removeprefix("torch.")  # recorded as what ran
     if options.needs_fisher and fisher is None:
         if has_lm_head(model):
             windows = calibration.batches(1)[: options.fisher_windows]
@@ -328,6 +329,7 @@ def factorize_model(
     if options.alloc == "welore" and whitened:
         plain = {t.name: torch.linalg.svdvals(t.weight().to("cpu", torch.float64)) for t in targets}
     plan = plan_ranks(options, targets, spectra, plain, fisher)
+    plan.calibration_ran_in = ran_in
     release(model.parameters())  # plain spectra and weights read outside the layer loop
     after = before - plan.params_before + plan.params_after
     if dry_run:

@@ -656,3 +656,19 @@ def test_a_model_whose_tensor_names_transformers_renames_round_trips(tmp_path):
     _rewrite(out, lambda t: t.pop(stored[0]))
     with pytest.raises(InvalidInputError, match=r"missing model\.language_model\.layers\.0\.self_attn\.q_proj\.weight_a"):
         load_factored(out)
+
+
+def test_the_files_checked_are_the_files_that_load(tmp_path):
+    """A single model.safetensors beside an index is what transformers loads: it is what verify reads."""
+    model, factors = _factored_model("gpt2")
+    out = save_factored(model, None, tmp_path / "g", METADATA, max_shard_size="50KB")
+    tensors = {}
+    for shard in out.glob("model-*.safetensors"):
+        tensors.update(load_file(str(shard)))
+    tensors[f"{_first(factors)}.weight_a"][0, 0] = float("nan")
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    assert compressor.formats.validate_factored_folder(out).files == [out / "model.safetensors"]
+    from compressor.errors import NumericalError
+
+    with pytest.raises(NumericalError):
+        compressor.api.verify(out)

@@ -13,7 +13,7 @@ from compressor.cli import run
 from compressor.factorize import FactorizeOptions, factorize_model
 from compressor.formats import FactoredLinear, factored_modules, load_factored
 from compressor.loading import load_model
-from compressor.errors import UsageError
+from compressor.errors import InvalidInputError, UsageError
 from compressor.pipeline import collect_grams_whole_model
 from compressor.precision import resolve_calib_dtype
 from compressor.sensitivity import fisher_scale, output_fisher
@@ -344,7 +344,7 @@ def test_bfloat16_calibration_plans_close_to_float32(tiny_llama, text_file):
         model = _fresh(tiny_llama)
         options = FactorizeOptions(0.5, sequential=False, calib_dtype=dtype)
         outcomes[dtype] = factorize_model(model, select_targets(model), options, calibration, dry_run=True)
-        assert outcomes[dtype].plan.options.calib_dtype == dtype  # recorded as what ran
+        assert outcomes[dtype].plan.calibration_ran_in == dtype  # recorded as what ran
     fp32, bf16 = (outcomes[d].plan for d in ("float32", "bfloat16"))
     assert bf16.mean_relative_error == pytest.approx(fp32.mean_relative_error, rel=0.05)
     differing = sum(a.rank != b.rank for a, b in zip(fp32.modules, bf16.modules))
@@ -519,3 +519,30 @@ def test_the_tokenizer_comes_back_when_factorizing_fails(tiny_llama, text_file, 
         api.factorize(loaded, FactorizeOptions(0.6), CalibrationOptions(str(text_file), samples=6, seq_len=24), output=tmp_path / "out")
     assert loaded.tokenizer is not None and loaded.tokenizer("a b")["input_ids"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_float16_model_factorizes_and_records_the_dtype_that_ran(tiny_llama, text_file, tmp_path):
+    out = tmp_path / "half"
+    args = ["factorize", str(tiny_llama.path), "--target", "0.5", "--calib", str(text_file), "--calib-samples", "4",
+            "--seq-len", "16", "--dtype", "float16", "-o", str(out)]
+    assert run(args) == 0
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q["calib_dtype"] == "float16"
+    model, _ = load_factored(out, dtype=torch.float16)
+    assert all(m.weight_a.dtype == torch.float16 for m in factored_modules(model).values())
+
+
+def test_api_takes_calibration_as_options_spec_or_windows(tiny_llama, text_file, monkeypatch):
+    loaded = load_model(str(tiny_llama.path))
+    options = CalibrationOptions(str(text_file), samples=4, seq_len=16)
+    windows = api.calibrate(loaded, options)
+    plans = [
+        api.factorize(loaded, FactorizeOptions(0.5, calib_dtype="float32"), calibration).outcome.plan.ranks
+        for calibration in (options, windows)
+    ]
+    assert plans[0] == plans[1]
+    assert api.analyze(loaded, windows).calibration["tokens"] == 64
+    with pytest.raises(InvalidInputError, match="calibration file not found"):
+        api.factorize(loaded, FactorizeOptions(0.5), "missing.txt")
+    with pytest.raises(UsageError, match="calibration must be"):
+        api.analyze(str(tiny_llama.path), calibration=42)

@@ -27,7 +27,7 @@ def check_destination(dest: str | os.PathLike[str], overwrite: bool = False) -> 
         if not path.is_dir():
             raise UsageError(f"output {path} exists and is not a folder")
         if not overwrite and any(path.iterdir()):
-            raise UsageError(f"output folder {path} exists and is not empty; choose another or allow overwriting")
+            raise UsageError(f"output folder {path} exists and is not empty; choose another or pass --overwrite")
     return path
 
 

@@ -110,12 +110,15 @@ def read_quantization_config(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _weight_map(folder: Path) -> dict[str, str] | None:
-    """The index's tensor → file map (None for a single-file checkpoint), its file names checked."""
+    """The index's tensor → file map (None for a single-file checkpoint), its file names checked.
+
+    A single ``model.safetensors`` wins over an index beside it, as in transformers' loading: the
+    files checked are the files that load."""
     index = folder / SAFE_WEIGHTS_INDEX_NAME
-    if not index.is_file():
-        if not (folder / SAFE_WEIGHTS_NAME).is_file():
-            raise InvalidInputError(f"{folder} has no safetensors weights ({SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME})")
+    if (folder / SAFE_WEIGHTS_NAME).is_file():
         return None
+    if not index.is_file():
+        raise InvalidInputError(f"{folder} has no safetensors weights ({SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME})")
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
@@ -333,7 +336,10 @@ def load_factored(
         if keys:
             problems.append(f"{kind.replace('_', ' ')}: " + ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else ""))
     loaded = {name: m.rank for name, m in factored_modules(model).items()}
-    if sorted(loaded.values()) != sorted(folder.ranks.values()) or len(loaded) != len(folder.ranks):
+    names = {name for name, _ in model.named_modules()}
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    recorded = {resolve_module_name(name, names, prefix): rank for name, rank in folder.ranks.items()}
+    if loaded != recorded:
         problems.append("the factored modules built differ from the recorded ranks")
     problems.raise_if_any(f"the checkpoint at {folder.path} does not match its model")
     model.eval()
