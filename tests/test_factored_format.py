@@ -672,3 +672,14 @@ def test_the_files_checked_are_the_files_that_load(tmp_path):
 
     with pytest.raises(NumericalError):
         compressor.api.verify(out)
+
+
+def test_tensors_the_architecture_ignores_on_load_are_not_refused(tmp_path):
+    """Old GPT-2 checkpoints carry each block's causal mask (`attn.bias`), which GPT-2 declares as
+    ignored on load: such a folder is valid (an extra tensor of another name is not, above)."""
+    model, _ = _factored_model("gpt2")
+    folder = save_factored(model, None, tmp_path / "g", METADATA)
+    _rewrite(folder, lambda t: t.update({"transformer.h.0.attn.bias": torch.ones(1, 1, 8, 8)}))
+    loaded, _ = load_factored(folder)
+    ids = _ids(9)
+    torch.testing.assert_close(_outputs(loaded, ids), _outputs(model, ids), atol=1e-6, rtol=0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -185,6 +186,8 @@ class _Expected:
     factored: dict[str, str]  # recorded module name → its name in the model
     geometry: dict[str, tuple[int, int]]  # model module name → (out, in)
     rename: _Renamer  # checkpoint name → model name
+    ignored_missing: tuple[re.Pattern[str], ...]  # the model's own `_keys_to_ignore_on_load_missing`
+    ignored_unexpected: tuple[re.Pattern[str], ...]  # and `_keys_to_ignore_on_load_unexpected`
 
 
 class _Renamer:
@@ -252,7 +255,13 @@ def _expected_tensors(folder: Path, ranks: Mapping[str, int]) -> _Expected:
     param_names = {n for names, _ in parameters for n in names}
     buffers = {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if k not in param_names}
     geometry = {name: (m.out_features, m.in_features) for name, m in factored_modules(skeleton).items()}
-    return _Expected(parameters, buffers, factored, geometry, _Renamer(skeleton))
+    def patterns(attribute: str) -> tuple[re.Pattern[str], ...]:
+        return tuple(re.compile(p) for p in getattr(skeleton, attribute, None) or ())
+
+    return _Expected(
+        parameters, buffers, factored, geometry, _Renamer(skeleton),
+        patterns("_keys_to_ignore_on_load_missing"), patterns("_keys_to_ignore_on_load_unexpected"),
+    )
 
 
 def validate_factored_folder(path: str | os.PathLike[str]) -> FactoredFolder:
@@ -290,7 +299,7 @@ def validate_factored_folder(path: str | os.PathLike[str]) -> FactoredFolder:
         if not any(checked(n) for n in names):
             continue
         present = [n for n in names if n in by_model_name]
-        if not present:
+        if not present and not any(p.search(n) for p in expected.ignored_missing for n in names):
             problems.append(f"missing {names[0]} {list(shape)}")
         for n in present:
             if by_model_name[n].shape != shape and n not in misfits:
@@ -299,7 +308,10 @@ def validate_factored_folder(path: str | os.PathLike[str]) -> FactoredFolder:
         known.add(n)
         if n in by_model_name and by_model_name[n].shape != shape:
             problems.append(f"{n} is {list(by_model_name[n].shape)}, the model needs {list(shape)}")
-    unexpected = sorted(key for key, name in model_names.items() if name not in known and checked(name))
+    unexpected = sorted(
+        key for key, name in model_names.items()
+        if name not in known and checked(name) and not any(p.search(name) for p in expected.ignored_unexpected)
+    )
     if unexpected:
         shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
         problems.append(f"unexpected tensors: {shown}")
