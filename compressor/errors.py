@@ -44,3 +44,9 @@ def first_line(e: BaseException) -> str:
     """An exception's message cut to its first line, for one-line error reports."""
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0]
+
+
+def first_few(items: list[str], shown: int = 5) -> str:
+    """Up to ``shown`` items joined by commas, and how many more there are, for error messages."""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more

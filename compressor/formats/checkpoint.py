@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from compressor.architecture import model_class
-from compressor.errors import InvalidInputError, OutOfResourcesError, first_line
+from compressor.errors import InvalidInputError, OutOfResourcesError, first_few, first_line
 from compressor.formats.atomic import atomic_dir
 from compressor.formats.factored import (
     QUANT_METHOD,
@@ -62,6 +62,7 @@ class FactoredFolder:
     path: Path
     quantization_config: dict[str, Any]
     tensors: dict[str, TensorHeader]
+    model_class: type  # the class the folder's config.json builds
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -132,47 +133,41 @@ def _weight_map(folder: Path) -> dict[str, str] | None:
     return weight_map
 
 
-def read_tensor_headers(folder: str | os.PathLike[str], problems: list[str] | None = None) -> dict[str, TensorHeader]:
-    """Every tensor of the folder's safetensors files, from their headers alone.
-
-    Problems (an unreadable file, one not tagged ``format: pt``, a tensor in two files, an index
-    that does not match its shards) are appended to ``problems``; without a list, the first raises.
-    """
+def _read_tensor_headers(folder: Path, problems: list[str]) -> dict[str, TensorHeader]:
+    """Every tensor of the folder's safetensors files, from their headers alone. Problems (an
+    unreadable file, one not tagged ``format: pt``, a tensor in two files, an index that does not
+    match its shards) are appended to ``problems``."""
     from safetensors import SafetensorError, safe_open
 
-    folder = Path(folder)
-    found = _Problems() if problems is None else problems
     weight_map = _weight_map(folder)
     names = sorted(set(weight_map.values())) if weight_map is not None else [SAFE_WEIGHTS_NAME]
     tensors: dict[str, TensorHeader] = {}
     for name in names:
         path = folder / name
         if not path.is_file():
-            found.append(f"{name}, named by the index, is missing")
+            problems.append(f"{name}, named by the index, is missing")
             continue
         try:
             with safe_open(str(path), framework="pt") as f:
                 if (f.metadata() or {}).get("format") != "pt":
-                    found.append(f"{name} lacks the safetensors metadata format=pt")
+                    problems.append(f"{name} lacks the safetensors metadata format=pt")
                 for key in f.keys():
                     piece = f.get_slice(key)
                     if key in tensors:
-                        found.append(f"{key} is in both {tensors[key].file} and {name}")
+                        problems.append(f"{key} is in both {tensors[key].file} and {name}")
                     tensors[key] = TensorHeader(name, tuple(piece.get_shape()), piece.get_dtype())
         except (OSError, SafetensorError, ValueError, RuntimeError) as e:
-            found.append(f"cannot read {name}: {first_line(e)}")
+            problems.append(f"cannot read {name}: {first_line(e)}")
     if weight_map is not None:
         for key, name in sorted(weight_map.items()):
             held = tensors.get(key)
             if held is None:
-                found.append(f"the index puts {key} in {name}, which does not hold it")
+                problems.append(f"the index puts {key} in {name}, which does not hold it")
             elif held.file != name:
-                found.append(f"the index puts {key} in {name}, but {held.file} holds it")
+                problems.append(f"the index puts {key} in {name}, but {held.file} holds it")
         unlisted = sorted(set(tensors) - set(weight_map))
         if unlisted:
-            found.append(f"the index does not list {', '.join(unlisted[:3])}" + (" …" if len(unlisted) > 3 else ""))
-    if problems is None:
-        found.raise_if_any(f"{folder}")
+            problems.append(f"the index does not list {first_few(unlisted, 3)}")
     return tensors
 
 
@@ -181,6 +176,7 @@ class _Expected:
     """The tensors the described model holds: parameters in groups of tied names (a checkpoint holds
     at least one name of each group), and persistent buffers (optional: the model makes its own)."""
 
+    model_class: type
     parameters: list[tuple[list[str], tuple[int, ...]]]
     buffers: dict[str, tuple[int, ...]]
     factored: dict[str, str]  # recorded module name → its name in the model
@@ -225,15 +221,16 @@ def _expected_tensors(folder: Path, ranks: Mapping[str, int]) -> _Expected:
     config = copy.deepcopy(config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the skeleton is built plain, then factored by us
+    cls = model_class(config)
     try:
         with torch.device("meta"):
-            skeleton = model_class(config)._from_config(config)
+            skeleton = cls._from_config(config)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:
         raise InvalidInputError(f"cannot build the model that {folder}/config.json describes: {first_line(e)}") from e
-    names = {name for name, _ in skeleton.named_modules()}
+    module_names = {name for name, _ in skeleton.named_modules()}
     prefix = getattr(skeleton, "base_model_prefix", "") or ""
     try:
-        factored = {recorded: resolve_module_name(recorded, names, prefix) for recorded in ranks}
+        factored = {recorded: resolve_module_name(recorded, module_names, prefix) for recorded in ranks}
         replace_with_factored(skeleton, ranks)
     except ValueError as e:
         raise InvalidInputError(f"{folder}: {e}") from e
@@ -259,7 +256,7 @@ def _expected_tensors(folder: Path, ranks: Mapping[str, int]) -> _Expected:
         return tuple(re.compile(p) for p in getattr(skeleton, attribute, None) or ())
 
     return _Expected(
-        parameters, buffers, factored, geometry, _Renamer(skeleton),
+        cls, parameters, buffers, factored, geometry, _Renamer(skeleton),
         patterns("_keys_to_ignore_on_load_missing"), patterns("_keys_to_ignore_on_load_unexpected"),
     )
 
@@ -275,7 +272,7 @@ def validate_factored_folder(path: str | os.PathLike[str]) -> FactoredFolder:
     qconfig = read_quantization_config(folder)
     ranks = dict(qconfig.get("ranks", {}))
     problems = _Problems()
-    tensors = read_tensor_headers(folder, problems)
+    tensors = _read_tensor_headers(folder, problems)
     expected = _expected_tensors(folder, ranks)
     model_names = {key: expected.rename(key) for key in tensors}
     by_model_name = {model_names[key]: header for key, header in tensors.items()}
@@ -313,10 +310,9 @@ def validate_factored_folder(path: str | os.PathLike[str]) -> FactoredFolder:
         if name not in known and checked(name) and not any(p.search(name) for p in expected.ignored_unexpected)
     )
     if unexpected:
-        shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
-        problems.append(f"unexpected tensors: {shown}")
+        problems.append(f"unexpected tensors: {first_few(unexpected)}")
     problems.raise_if_any(f"the checkpoint at {folder} does not match the model its config.json describes")
-    return FactoredFolder(folder, qconfig, tensors)
+    return FactoredFolder(folder, qconfig, tensors, expected.model_class)
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,11 +329,8 @@ def load_factored(
     unexpected or mismatched is refused as well.
     """
     folder = path if isinstance(path, FactoredFolder) else validate_factored_folder(path)
-    import transformers
-
     try:
-        config = transformers.AutoConfig.from_pretrained(folder.path)
-        model, info = model_class(config).from_pretrained(folder.path, dtype=dtype, output_loading_info=True)
+        model, info = folder.model_class.from_pretrained(folder.path, dtype=dtype, output_loading_info=True)
     except MemoryError as e:
         raise OutOfResourcesError(f"out of memory while loading {folder.path}") from e
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
@@ -346,7 +339,7 @@ def load_factored(
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         keys = sorted(str(k) for k in (info or {}).get(kind) or ())
         if keys:
-            problems.append(f"{kind.replace('_', ' ')}: " + ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else ""))
+            problems.append(f"{kind.replace('_', ' ')}: {first_few(keys)}")
     loaded = {name: m.rank for name, m in factored_modules(model).items()}
     names = {name for name, _ in model.named_modules()}
     prefix = getattr(model, "base_model_prefix", "") or ""

@@ -35,6 +35,7 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from compressor.errors import first_few
 from compressor.kernels import lowrank_linear
 
 if TYPE_CHECKING:
@@ -344,8 +345,7 @@ class LowRankQuantizer(HfQuantizer):
             if p.device.type != "meta" and p.numel() > 0 and not getattr(p, "_is_hf_initialized", False)
         ]
         if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise ValueError(f"{QUANT_METHOD} checkpoint lacks factor tensors: {shown}")
+            raise ValueError(f"{QUANT_METHOD} checkpoint lacks factor tensors: {first_few(missing)}")
 
     def get_state_dict_and_metadata(self, model: PreTrainedModel) -> tuple[None, dict[str, str]]:
         # save_pretrained calls this before writing config.json: refresh the ranks so that a model
