@@ -93,3 +93,46 @@ class FactorizeOptions:
     @property
     def needs_fisher(self) -> bool:
         return self.method == "fisher" or self.alloc == "global"
+
+
+COMPENSATE_METHODS = ("fisher", "eora", "svd")
+COMPENSATE_ALLOCATIONS = ("uniform", "global")
+
+
+@dataclass(frozen=True)
+class CompensateOptions:
+    """How ``compensate`` fits its rank-``rank`` corrections (``--rank``, ``--method``, ``--alloc``, …).
+
+    ``rank``: per module under ``uniform``; under ``global``, the average that fixes the budget
+    (the adapter holds as many parameters as uniform rank ``rank`` would). ``serve_form``: pad every
+    module's correction with zeros to one rank that serving engines accept (True), write each
+    module's own rank with ``rank_pattern`` (False), or the serving form exactly when ranks are
+    uniform (None).
+    """
+
+    rank: int
+    method: str = "eora"
+    alloc: str = "uniform"
+    sequential: bool = True
+    calib_dtype: str = "auto"
+    fisher_windows: int = SENSITIVITY_WINDOWS
+    serve_form: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise UsageError(f"--rank must be at least 1, got {self.rank}")
+        if self.method not in COMPENSATE_METHODS:
+            raise UsageError(f"unknown --method {self.method!r}; choose one of {', '.join(COMPENSATE_METHODS)}")
+        if self.alloc not in COMPENSATE_ALLOCATIONS:
+            raise UsageError(f"unknown --alloc {self.alloc!r}; choose one of {', '.join(COMPENSATE_ALLOCATIONS)}")
+        check_calib_dtype(self.calib_dtype)
+        if self.fisher_windows < 1:
+            raise UsageError(f"--fisher-windows must be at least 1, got {self.fisher_windows}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "svd" or self.alloc == "global"
+
+    @property
+    def needs_fisher(self) -> bool:
+        return self.method == "fisher" or self.alloc == "global"

@@ -22,11 +22,13 @@ class Target:
     name: str
     module: nn.Module
     block_index: int | None  # None: outside the transformer blocks (e.g. lm_head)
-    kind: str  # "linear" | "conv1d"
+    kind: str  # "linear" | "conv1d" | "factored" (a FactoredLinear: B·A)
 
     @property
     def shape(self) -> tuple[int, int]:
         """(out, in)"""
+        if self.kind == "factored":
+            return (self.module.out_features, self.module.in_features)
         w = self.module.weight
         return (w.shape[1], w.shape[0]) if self.kind == "conv1d" else (w.shape[0], w.shape[1])
 
@@ -44,7 +46,12 @@ class Target:
         return self.name.split(marker, 1)[1] if marker in self.name else self.name
 
     def weight(self) -> torch.Tensor:
-        """The weight as (out, in), a view of the module's parameter."""
+        """The weight as (out, in): a view of the module's parameter, or B·A for a factored module
+        (a new tensor, in float32 or wider)."""
+        if self.kind == "factored":
+            b, a = self.module.weight_b.detach(), self.module.weight_a.detach()
+            dtype = torch.promote_types(b.dtype, torch.float32)
+            return b.to(dtype) @ a.to(dtype)
         w = self.module.weight.detach()
         return w.t() if self.kind == "conv1d" else w
 
@@ -67,19 +74,34 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
+def _kind(module: nn.Module, factored: bool) -> str | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if bool(Conv1D) and isinstance(module, Conv1D):
+        return "conv1d"
+    if factored:
+        from compressor.formats.factored import FactoredLinear
+
+        if isinstance(module, FactoredLinear):
+            return "factored"
+    return None
+
+
 def select_targets(
-    model: nn.Module, include: list[str] | None = None, exclude: list[str] | None = None
+    model: nn.Module, include: list[str] | None = None, exclude: list[str] | None = None, factored: bool = False
 ) -> list[Target]:
     """Linear/Conv1D modules inside the blocks, or those matching ``include`` globs anywhere.
 
     ``exclude`` globs are removed last. Embeddings and the LM head are outside the blocks,
-    hence excluded unless an ``include`` pattern names them.
+    hence excluded unless an ``include`` pattern names them. ``factored``: FactoredLinear modules
+    count too (compensation corrects them; factorization cannot factor them again).
     """
     blocks_name, blocks = find_blocks(model)
     prefix = f"{blocks_name}." if blocks_name else ""
     targets = []
     for name, module in model.named_modules():
-        if not is_linear(module):
+        kind = _kind(module, factored)
+        if kind is None:
             continue
         block_index = None
         if name.startswith(prefix):
@@ -92,6 +114,5 @@ def select_targets(
         if chosen and exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude):
             chosen = False
         if chosen:
-            kind = "linear" if isinstance(module, nn.Linear) else "conv1d"
             targets.append(Target(name, module, block_index, kind))
     return targets

@@ -177,3 +177,42 @@ def discarded_energy(energy: torch.Tensor, rank: int | None) -> float:
     if rank is None:
         return 0.0
     return float(energy[rank:].sum())
+
+
+def budget_ranks(
+    energies: Sequence[torch.Tensor],
+    shapes: Sequence[Shape],
+    budget: int,
+    caps: Sequence[int],
+    weights: Sequence[float] | None = None,
+    floors: Sequence[int] | None = None,
+) -> list[int]:
+    """Ranks of additive rank-r terms (corrections) under a parameter budget: maximize
+    Σᵢ wᵢ·(energy captured by matrix i's first rᵢ components) with Σ rᵢ·(mᵢ + nᵢ) ≤ ``budget``.
+
+    Each rank step costs m + n and gains wᵢ·σ²ₖ; since every spectrum descends, taking the
+    steps best gain per parameter first is optimal up to the last step. No matrix goes dense
+    and no rank exceeds its cap (``caps``); ``floors`` are paid first.
+    """
+    weights = [1.0] * len(shapes) if weights is None else list(weights)
+    ranks = [0] * len(shapes) if floors is None else [min(f, c) for f, c in zip(floors, caps)]
+    spent = sum(r * (m + n) for r, (m, n) in zip(ranks, shapes))
+    if spent > budget:
+        raise UsageError(f"the rank floors alone need {spent} parameters, above the budget of {budget}")
+
+    def gain(i: int) -> float:
+        r = ranks[i]
+        return weights[i] * float(energies[i][r]) / sum(shapes[i]) if r < energies[i].numel() else 0.0
+
+    heap = [(-gain(i), i) for i in range(len(shapes)) if ranks[i] < caps[i]]
+    heapq.heapify(heap)
+    while heap:
+        _, i = heapq.heappop(heap)
+        step = sum(shapes[i])
+        if spent + step > budget:
+            continue
+        ranks[i] += 1
+        spent += step
+        if ranks[i] < caps[i]:
+            heapq.heappush(heap, (-gain(i), i))
+    return ranks
