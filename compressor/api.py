@@ -22,11 +22,12 @@ from compressor import loading
 from compressor.loading import LoadedModel
 from compressor.math.spectra import all_finite
 from compressor.precision import resolve_calib_dtype
-from compressor.options import CalibrationOptions, FactorizeOptions, check_calib_dtype, check_target
+from compressor.options import CalibrationOptions, CompensateOptions, FactorizeOptions, check_calib_dtype, check_target
 from compressor.progress import track
 from compressor.targets import Target, select_targets
 
 if TYPE_CHECKING:
+    from compressor.compensate import CompensateOutcome
     from compressor.evaluate import Comparison
     from compressor.factorize import FactorizeOutcome
 
@@ -40,8 +41,10 @@ def _loaded(model: LoadedModel | str, dtype: torch.dtype = torch.float32) -> Loa
     return loaded
 
 
-def targets_of(loaded: LoadedModel, include: list[str] | None = None, exclude: list[str] | None = None) -> list[Target]:
-    targets = select_targets(loaded.model, include, exclude)
+def targets_of(
+    loaded: LoadedModel, include: list[str] | None = None, exclude: list[str] | None = None, factored: bool = False
+) -> list[Target]:
+    targets = select_targets(loaded.model, include, exclude, factored=factored)
     if not targets:
         raise UsageError("no target modules: the --include/--exclude patterns match no linear layer")
     return targets
@@ -55,14 +58,21 @@ def evaluate(
     max_windows: int | None = None,
     batch_size: int = 4,
     dtype: torch.dtype = torch.float32,
+    adapter: str | Path | None = None,
 ) -> PerplexityResult:
     """Perplexity of a causal LM on a text file by the project's protocol. ``model``: a loaded
-    model, or a MODEL spec loaded in ``dtype`` once the text has been read."""
+    model, or a MODEL spec loaded in ``dtype`` once the text (and ``adapter``) have been read.
+    ``adapter``: a PEFT LoRA folder added to the model first (a loaded model is changed in place)."""
+    from compressor.formats.adapter import apply_adapter, read_adapter
+
     text = read_text(data)
+    terms = None if adapter is None else read_adapter(adapter)
     loaded = _loaded(model, dtype)
     if not loaded.is_causal_lm:
         raise InvalidInputError(f"{loaded.source} is not a causal language model; perplexity needs one")
     loaded.check_seq_len(seq_len)
+    if terms is not None:
+        apply_adapter(loaded.model, terms)
     ids = tokenize_text(loaded.tokenizer, text)
     result = perplexity(loaded.model, ids, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size)
     return dataclasses.replace(result, source=loaded.source)
@@ -262,6 +272,91 @@ def _save_factorized(
         "tool": f"compress {__version__}",
     }
     return folder_bytes(save_factored(loaded.model, loaded.tokenizer, output, metadata, overwrite=overwrite))
+
+
+@dataclass
+class CompensateResult:
+    outcome: CompensateOutcome
+    original: str
+    compressed: str
+    calibration: dict | None
+    output: Path | None
+    seconds: float
+
+    def to_json(self) -> dict:
+        o = self.outcome
+        return {
+            "tool": f"compress {__version__}",
+            "original": self.original,
+            "compressed": self.compressed,
+            "calibration": self.calibration,
+            "output": str(self.output) if self.output else None,
+            "options": dataclasses.asdict(o.options),
+            "calibration_ran_in": o.calibration_ran_in,
+            "fisher_windows": o.fisher_windows,
+            "seconds": round(self.seconds, 2),
+            **o.to_dict(),
+        }
+
+
+def compensate(
+    original: LoadedModel | str,
+    compressed: LoadedModel | str,
+    options: CompensateOptions,
+    calibration: CalibrationOptions | CalibrationSet | str | None = None,
+    *,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> CompensateResult:
+    """EoRA-style corrections that bring ``compressed`` back toward ``original``, written to
+    ``output`` as a PEFT LoRA adapter for ``compressed`` (unless None).
+
+    The compressed model is loaded first and the rank checked against its modules before the
+    original loads or any calibration runs. Calibration windows come from the original model's
+    tokenizer (and, for ``self``, its generations); the default is ``self`` with 64 windows of 512.
+    """
+    from compressor.compensate import check_rank, compensate_model
+    from compressor.formats.adapter import save_adapter
+    from compressor.formats.atomic import check_destination
+
+    start = time.perf_counter()
+    calibration = _calibration_options(calibration)
+    dest = None if output is None else check_destination(output, overwrite)
+    small = _loaded(compressed, dtype)
+    targets = targets_of(small, include, exclude, factored=True)
+    check_rank(options, targets)
+    big = _loaded(original, dtype)
+    windows = None
+    if options.needs_calibration:
+        windows = _windows(big, calibration or CalibrationOptions(), options.calib_dtype)
+    outcome = compensate_model(big.model, small.model, targets, options, windows)
+    info = windows.info.to_dict() if windows is not None else None
+    if dest is not None:
+        metadata = {
+            "tool": f"compress {__version__}",
+            "original": big.source,
+            "compressed": small.source,
+            "options": dataclasses.asdict(outcome.options),
+            "calibration": info,
+            "calibration_ran_in": outcome.calibration_ran_in,
+            "fisher_windows": outcome.fisher_windows,
+            "mean_relative_error": outcome.mean_relative_error,
+        }
+        linear_names = [t.name for t in select_targets(small.model, include=["*"], factored=True)]
+        save_adapter(
+            dest,
+            outcome.corrections,
+            base_model=small.source,
+            serve_form=options.serve_form,
+            fan_in_fan_out=any(t.kind == "conv1d" for t in targets),
+            model_linear_names=linear_names,
+            metadata=metadata,
+            overwrite=overwrite,
+        )
+    return CompensateResult(outcome, big.source, small.source, info, dest, time.perf_counter() - start)
 
 
 @dataclass

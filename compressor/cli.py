@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from compressor import __version__
 from compressor.errors import EXIT_INTERRUPTED, CompressError, OutOfResourcesError, UsageError
-from compressor.options import CalibrationOptions, FactorizeOptions
+from compressor.options import CalibrationOptions, CompensateOptions, FactorizeOptions
 from compressor.progress import reporting_to
 
 try:  # typer ≥ 0.20 vendors click; older releases use the click package
@@ -156,19 +156,25 @@ def eval_command(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.")] = 4,
     json_path: JsonOpt = None,
     dtype: DtypeOpt = "float32",
+    adapter: Annotated[
+        Optional[Path], typer.Option("--adapter", help="A PEFT LoRA adapter folder (e.g. from compress compensate) to apply first.")
+    ] = None,
 ) -> None:
     """Perplexity on a text file: the whole file tokenized once, consecutive windows from the start."""
     with _running():
         from compressor import api
         from compressor.report import write_json
 
-        result = api.evaluate(model, data, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size, dtype=_torch_dtype(dtype))
+        result = api.evaluate(
+            model, data, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size, dtype=_torch_dtype(dtype), adapter=adapter
+        )
     out.print(
         f"perplexity [bold]{result.perplexity:.4f}[/] on {data} "
         f"({result.windows} windows × {result.seq_len} tokens, {result.tokens} predicted, {result.seconds:.1f} s)"
     )
     if json_path:
-        write_json(json_path, {"model": result.source, "data": str(data), "dtype": dtype, **result.to_dict()})
+        extra = {"adapter": str(adapter)} if adapter else {}
+        write_json(json_path, {"model": result.source, **extra, "data": str(data), "dtype": dtype, **result.to_dict()})
 
 
 @app.command("analyze")
@@ -276,6 +282,88 @@ def factorize_command(
             dtype=_torch_dtype(dtype),
         )
     factorize_summary(result, out)
+    if json_path:
+        write_json(json_path, result.to_json())
+
+
+@app.command("compensate")
+def compensate_command(
+    original: Annotated[str, typer.Argument(metavar="ORIGINAL", help="The uncompressed MODEL.", show_default=False)],
+    compressed: Annotated[
+        str,
+        typer.Argument(
+            metavar="COMPRESSED",
+            help="The compressed MODEL: a GPTQ, pruned or factored checkpoint of the same architecture.",
+            show_default=False,
+        ),
+    ],
+    rank: Annotated[int, typer.Option("--rank", help="Rank of each module's correction (under --alloc global, the average).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write the PEFT LoRA adapter to.")],
+    calib: CalibOpt = CALIBRATION.spec,
+    calib_samples: CalibSamplesOpt = CALIBRATION.samples,
+    seq_len: SeqLenOpt = CALIBRATION.seq_len,
+    seed: SeedOpt = CALIBRATION.seed,
+    method: Annotated[
+        str,
+        typer.Option(
+            "--method",
+            help="eora (the residual in the calibration inputs' eigenspace), fisher (the same, outputs weighted "
+            "by the loss gradient) or svd (plain SVD of the residual).",
+        ),
+    ] = CompensateOptions.method,
+    alloc: Annotated[
+        str,
+        typer.Option("--alloc", help="uniform (every module --rank) or global (the same parameters, placed where the predicted loss falls most)."),
+    ] = CompensateOptions.alloc,
+    sequential: Annotated[
+        bool,
+        typer.Option(
+            "--sequential/--one-shot",
+            help="Sequential: calibrate each block on the inputs the corrected blocks before it produce. "
+            "One-shot: on the uncorrected compressed model's inputs.",
+        ),
+    ] = CompensateOptions.sequential,
+    serve_form: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--serve-form/--exact-form",
+            help="Serving form: every module zero-padded to one rank vLLM and SGLang accept. Exact form: each "
+            "module's own rank (rank_pattern; PEFT only). Default: serving form when the ranks are uniform.",
+            show_default=False,
+        ),
+    ] = None,
+    fisher_windows: Annotated[
+        int, typer.Option("--fisher-windows", min=1, help="Calibration windows of the loss-gradient pass of --method fisher and --alloc global.")
+    ] = CompensateOptions.fisher_windows,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    json_path: JsonOpt = None,
+    dtype: DtypeOpt = "float32",
+    calib_dtype: CalibDtypeOpt = CompensateOptions.calib_dtype,
+) -> None:
+    """Repair a compressed model: a rank-R correction per module from calibration data, as a PEFT LoRA adapter."""
+    options = CompensateOptions(
+        rank=rank, method=method, alloc=alloc, sequential=sequential, calib_dtype=calib_dtype,
+        fisher_windows=fisher_windows, serve_form=serve_form,
+    )
+    calibration = CalibrationOptions(calib, calib_samples, seq_len, seed) if options.needs_calibration else None
+    with _running():
+        from compressor import api
+        from compressor.report import write_json
+
+        result = api.compensate(
+            original, compressed, options, calibration, include=include, exclude=exclude,
+            output=output, overwrite=overwrite, dtype=_torch_dtype(dtype),
+        )
+    o = result.outcome
+    ranks = [m.rank for m in o.modules]
+    out.print(
+        f"{len(o.corrections)} modules corrected (ranks {min(ranks)}-{max(ranks)}, mean {sum(ranks) / len(ranks):.1f}; "
+        f"{o.adapter_params:,} adapter parameters); calibration-weighted error kept: {o.mean_relative_error:.3f} "
+        f"of the residual on average; {result.seconds:.1f} s"
+    )
+    out.print(f"wrote {result.output}")
     if json_path:
         write_json(json_path, result.to_json())
 
