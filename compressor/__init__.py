@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 __all__ = ["LoadedModel", "__version__", "load", "load_model"]
 
 _LAZY = {
-    "load": ("compressor.formats.checkpoint", "load_factored"),
+    "load": ("compressor.loading", "load_checkpoint"),  # a factored or a GPTQ checkpoint
     "load_model": ("compressor.loading", "load_model"),
     "LoadedModel": ("compressor.loading", "LoadedModel"),
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from compressor.loading import LoadedModel
 from compressor.math.spectra import all_finite
 from compressor.precision import resolve_calib_dtype
 from compressor.options import CalibrationOptions, CompensateOptions, FactorizeOptions, check_calib_dtype, check_target
+from compressor.options import QuantizeOptions
 from compressor.progress import track
 from compressor.targets import Target, select_targets
 
@@ -357,6 +359,102 @@ def compensate(
             overwrite=overwrite,
         )
     return CompensateResult(outcome, big.source, small.source, info, dest, time.perf_counter() - start)
+
+
+@dataclass
+class QuantizeResult:
+    source: str
+    options: QuantizeOptions
+    modules: list[str]  # the layers the checkpoint holds quantized
+    calibration: dict | None
+    output: Path
+    file_bytes: int
+    seconds: float
+
+    def to_json(self) -> dict:
+        o = self.options
+        return {
+            "tool": f"compress {__version__}",
+            "model": self.source,
+            "method": o.method,
+            "bits": o.bits,
+            "group_size": o.group_size,
+            "sym": o.sym,
+            "checkpoint_format": "gptq",
+            "calibration": self.calibration,
+            "output": str(self.output),
+            "quantized_modules": len(self.modules),
+            "modules": self.modules,
+            "file_bytes": self.file_bytes,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def quantize(
+    model: LoadedModel | str,
+    options: QuantizeOptions,
+    calibration: CalibrationOptions | CalibrationSet | str | None = None,
+    *,
+    output: str | Path,
+    overwrite: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> QuantizeResult:
+    """Quantize the linear layers of the blocks to ``options.bits`` and write a GPTQ checkpoint
+    (``checkpoint_format`` "gptq", v1) to ``output``.
+
+    ``model``: a loaded model, or a MODEL spec loaded in ``dtype`` once ``output`` has been found
+    usable (and, for ``gptq``, GPTQModel found). ``rtn`` needs no calibration, refuses layers that
+    cannot be packed before it quantizes any, and leaves a loaded model holding the dequantized
+    weights, exactly what the checkpoint decodes to. ``gptq`` runs GPTQModel on ``calibration``
+    (the default ``self``, 64 windows of 512, when None) and leaves the model as it was.
+    """
+    from compressor.formats.atomic import check_destination
+
+    start = time.perf_counter()
+    calibration = _calibration_options(calibration)
+    dest = check_destination(output, overwrite)
+    backend = _gptqmodel_backend(options) if options.method == "gptq" else None
+    loaded = _loaded(model, dtype)
+    info = None
+    if backend is not None:
+        from compressor.formats.gptq import validate_gptq_folder
+
+        windows = _windows(loaded, calibration or CalibrationOptions(), options.calib_dtype)
+        backend.quantize_with_gptqmodel(loaded, options, windows, dest, overwrite=overwrite)
+        info = windows.info.to_dict()
+        modules = sorted(validate_gptq_folder(dest).modules)
+    else:
+        modules = _quantize_rtn(loaded, options, dest, overwrite)
+    return QuantizeResult(loaded.source, options, modules, info, dest, folder_bytes(dest), time.perf_counter() - start)
+
+
+def _gptqmodel_backend(options: QuantizeOptions):
+    """compressor.quantize_gptqmodel, its options checked; UsageError with the install command
+    when it (or GPTQModel) is missing. Called before the model loads."""
+    try:
+        quantize_gptqmodel = importlib.import_module("compressor.quantize_gptqmodel")
+    except ModuleNotFoundError as e:
+        if e.name != "compressor.quantize_gptqmodel" and (e.name or "").split(".")[0] != "gptqmodel":
+            raise
+        raise UsageError(f"--method gptq needs GPTQModel: pip install -e '.[gptq]' ({e})") from e
+    quantize_gptqmodel.check_options(options)
+    return quantize_gptqmodel
+
+
+def _quantize_rtn(loaded: LoadedModel, options: QuantizeOptions, output: Path, overwrite: bool) -> list[str]:
+    from compressor.formats.gptq import GptqConfig, save_gptq
+    from compressor.quantize import quantize_rtn
+
+    outcome = quantize_rtn(targets_of(loaded), options)
+    meta = {
+        "quantizer": [f"compress:{__version__}"],
+        "method": "rtn",
+        "source": loaded.source,
+        "tool": f"compress {__version__}",
+    }
+    config = GptqConfig(bits=options.bits, group_size=options.group_size, sym=options.sym, meta=meta)
+    save_gptq(loaded.model, loaded.tokenizer, output, outcome.quantized, config, overwrite=overwrite)
+    return outcome.modules
 
 
 @dataclass

@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from compressor import __version__
 from compressor.errors import EXIT_INTERRUPTED, CompressError, OutOfResourcesError, UsageError
 from compressor.options import CalibrationOptions, CompensateOptions, FactorizeOptions
+from compressor.options import QuantizeOptions
 from compressor.progress import reporting_to
 
 try:  # typer ≥ 0.20 vendors click; older releases use the click package
@@ -364,6 +365,51 @@ def compensate_command(
         f"of the residual on average; {result.seconds:.1f} s"
     )
     out.print(f"wrote {result.output}")
+    if json_path:
+        write_json(json_path, result.to_json())
+
+
+@app.command("quantize")
+def quantize_command(
+    model: ModelArg,
+    bits: Annotated[int, typer.Option("--bits", help="Bits per weight: 2, 3, 4 or 8.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write the GPTQ checkpoint to.")],
+    group_size: Annotated[
+        int, typer.Option("--group-size", help="Input columns sharing one scale and zero point; -1: one group per row.")
+    ] = QuantizeOptions.group_size,
+    method: Annotated[
+        str,
+        typer.Option(
+            "--method",
+            help="rtn (round to nearest; no calibration) or gptq (GPTQModel on calibration data; needs the gptq extra).",
+        ),
+    ] = QuantizeOptions.method,
+    sym: Annotated[
+        bool,
+        typer.Option("--sym/--asym", help="Symmetric (zero point 2^(bits-1)) or asymmetric (min/max) grid per group."),
+    ] = QuantizeOptions.sym,
+    calib: CalibOpt = CALIBRATION.spec,
+    calib_samples: CalibSamplesOpt = CALIBRATION.samples,
+    seq_len: SeqLenOpt = CALIBRATION.seq_len,
+    seed: SeedOpt = CALIBRATION.seed,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    json_path: JsonOpt = None,
+    dtype: DtypeOpt = "float32",
+    calib_dtype: CalibDtypeOpt = QuantizeOptions.calib_dtype,
+) -> None:
+    """Integer weights in groups, written as a GPTQ checkpoint: round to nearest, or GPTQ (GPTQModel)."""
+    options = QuantizeOptions(bits=bits, group_size=group_size, method=method, sym=sym, calib_dtype=calib_dtype)
+    calibration = CalibrationOptions(calib, calib_samples, seq_len, seed) if options.needs_calibration else None
+    with _running():
+        from compressor import api
+        from compressor.report import write_json
+
+        result = api.quantize(model, options, calibration, output=output, overwrite=overwrite, dtype=_torch_dtype(dtype))
+    grid = "sym" if options.sym else "asym"
+    out.print(
+        f"quantized [bold]{len(result.modules)}[/] layers to {options.bits} bits (group size {options.group_size}, "
+        f"{grid}, {options.method}); wrote {result.output} ({result.file_bytes / 2**20:.1f} MB) in {result.seconds:.1f} s"
+    )
     if json_path:
         write_json(json_path, result.to_json())
 

@@ -146,6 +146,12 @@ def _load_folder(path: Path, dtype: torch.dtype, source: str) -> LoadedModel:
     if not weights:
         raise InvalidInputError(f"{path} has no weight files (*.safetensors)")
     quant_method = _quant_method(path)
+    if quant_method == "gptq" or (quant_method is None and (path / "quantize_config.json").is_file()):
+        from compressor.formats.gptq import is_gptq_folder, load_gptq
+
+        if is_gptq_folder(path):  # dequantized here: neither gptqmodel nor optimum needed
+            model, tokenizer = load_gptq(path, dtype)
+            return LoadedModel(model, tokenizer, source, path)
     if quant_method is not None and quant_method.startswith("compress"):
         from compressor.formats.checkpoint import load_factored
 
@@ -153,6 +159,22 @@ def _load_folder(path: Path, dtype: torch.dtype, source: str) -> LoadedModel:
         return LoadedModel(model, tokenizer, source, path)
     model, tokenizer = _from_pretrained(path, dtype)
     return LoadedModel(model, tokenizer, source, path)
+
+
+def load_checkpoint(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
+    """``compressor.load``: a checkpoint this tool writes, loaded strictly: (model, tokenizer).
+
+    A GPTQ folder loads dequantized (:func:`compressor.formats.gptq.load_gptq`); anything else is
+    read as a factored checkpoint (:func:`compressor.formats.checkpoint.load_factored`), which
+    refuses what is not one."""
+    from compressor.formats.checkpoint import FactoredFolder, load_factored
+
+    if not isinstance(path, FactoredFolder):
+        from compressor.formats.gptq import is_gptq_folder, load_gptq
+
+        if Path(path).is_dir() and is_gptq_folder(path):
+            return load_gptq(path, dtype)
+    return load_factored(path, dtype)
 
 
 def _quant_method(folder: Path) -> str | None:

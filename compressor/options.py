@@ -95,7 +95,7 @@ class FactorizeOptions:
         return self.method == "fisher" or self.alloc == "global"
 
 
-COMPENSATE_METHODS = ("fisher", "eora", "svd")
+COMPENSATE_METHODS = ("fisher", "eora", "svd", "kfac")
 COMPENSATE_ALLOCATIONS = ("uniform", "global")
 
 
@@ -117,6 +117,7 @@ class CompensateOptions:
     calib_dtype: str = "auto"
     fisher_windows: int = SENSITIVITY_WINDOWS
     serve_form: bool | None = None
+    anchor: float | None = None  # sequential: fit the original model's outputs, ridge damping (relative)
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -135,4 +136,38 @@ class CompensateOptions:
 
     @property
     def needs_fisher(self) -> bool:
-        return self.method == "fisher" or self.alloc == "global"
+        return self.method in ("fisher", "kfac") or self.alloc == "global"
+
+
+QUANTIZE_BITS = (2, 3, 4, 8)
+QUANTIZE_METHODS = ("rtn", "gptq")
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """How ``quantize`` rounds weights to integers (``--bits``, ``--group-size``, ``--method``, ``--sym``).
+
+    ``group_size``: input columns sharing one scale and zero point; -1 for one group per row.
+    ``sym``: zero point fixed at 2^(bits−1) and the scale from the largest magnitude, else the
+    zero point and scale from each group's minimum and maximum. ``calib_dtype``: matmul dtype of
+    the calibration passes of ``gptq`` (``rtn`` needs no calibration).
+    """
+
+    bits: int
+    group_size: int = 128
+    method: str = "rtn"
+    sym: bool = True
+    calib_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.bits not in QUANTIZE_BITS:
+            raise UsageError(f"--bits must be one of {', '.join(map(str, QUANTIZE_BITS))}, got {self.bits}")
+        if not (self.group_size == -1 or self.group_size >= 1):
+            raise UsageError(f"--group-size must be at least 1, or -1 for one group per row; got {self.group_size}")
+        if self.method not in QUANTIZE_METHODS:
+            raise UsageError(f"unknown --method {self.method!r}; choose one of {', '.join(QUANTIZE_METHODS)}")
+        check_calib_dtype(self.calib_dtype)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "gptq"
