@@ -117,7 +117,6 @@ class CompensateOptions:
     calib_dtype: str = "auto"
     fisher_windows: int = SENSITIVITY_WINDOWS
     serve_form: bool | None = None
-    anchor: float | None = None  # sequential: fit the original model's outputs, ridge damping (relative)
 
     def __post_init__(self) -> None:
         if self.rank < 1:
