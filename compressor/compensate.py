@@ -125,22 +125,6 @@ def residual(original: Target, compressed: Target) -> torch.Tensor:
     return w - compressed.weight().to("cpu", torch.float64)
 
 
-def _output_root(f: torch.Tensor, damping: float = 0.01) -> torch.Tensor:
-    """Lower-triangular L with L·Lᵀ = F + damping·mean(diag F)·I, float64."""
-    f = f.to(torch.float64)
-    f = (f + f.T) / 2
-    mean = float(f.diagonal().mean())
-    return torch.linalg.cholesky(f + (damping * mean if mean > 0 else 1.0) * torch.eye(f.shape[0], dtype=f.dtype))
-
-
-LEFTS: dict[str, torch.Tensor] = {}
-
-
-def _metric_residual(original: Target, t: Target) -> torch.Tensor:
-    delta = residual(original, t)
-    return LEFTS[t.name].T @ delta if t.name in LEFTS else delta
-
-
 def _block_decompositions(
     targets: list[Target],
     originals: dict[str, Target],
@@ -153,7 +137,7 @@ def _block_decompositions(
     roots = {} if grams is None else gram_roots(grams, [t.name for t in targets if t.shape[0] > t.shape[1]], dtype)
     result = {}
     for t in targets:
-        delta = _metric_residual(originals[t.name], t)
+        delta = residual(originals[t.name], t)
         if grams is None:
             d = svd_decomposition(delta)
         else:
@@ -215,11 +199,7 @@ def compensate_model(
         if has_lm_head(compressed):
             windows = calibration.batches(1)[: options.fisher_windows]
             fisher_windows = len(windows)
-            import os
-            if os.environ.get("FISHER_FROM") == "original":
-                fisher = output_fisher(original, list(originals.values()), windows, compute_dtype, full=options.method == "kfac")
-            else:
-                fisher = output_fisher(compressed, targets, windows, compute_dtype, full=options.method == "kfac")
+            fisher = output_fisher(compressed, targets, windows, compute_dtype)
         else:
             log.warning("%s has no language-model head to take loss gradients from: %s", type(compressed).__name__,
                         "--method fisher falls back to eora, --alloc global to uniform")
@@ -229,10 +209,6 @@ def compensate_model(
                 options, method="eora" if options.method == "fisher" else options.method, alloc="uniform"
             )
     scales = {name: fisher_scale(v) for name, v in fisher.items()} if options.method == "fisher" else None
-    lefts = None
-    if options.method == "kfac":
-        lefts = {name: _output_root(v) for name, v in fisher.items()}
-        fisher = {name: v.diagonal().to(torch.float64) for name, v in fisher.items()}
     data_aware = options.method != "svd"
     dtype = decomposition_dtype(compute_dtype)
     caps = {t.name: min(min(t.shape), GLOBAL_RANK_CAP * options.rank) for t in targets}
@@ -258,19 +234,10 @@ def compensate_model(
     corrections: dict[str, LowRankTerm] = {}
     results: list[ModuleResult] = []
 
-    LEFTS.clear()
-    if lefts:
-        LEFTS.update(lefts)
-
     def record(t: Target, d: Decomposition, delta: torch.Tensor) -> None:
         r = ranks[t.name]
         if r > 0:
-            term = _correction(d, delta, r)
-            if t.name in LEFTS:
-                left = LEFTS[t.name]
-                b = torch.linalg.solve_triangular(left.T, term.b.to(torch.float64), upper=True)
-                term = LowRankTerm(b.float().contiguous(), term.a)
-            corrections[t.name] = term
+            corrections[t.name] = _correction(d, delta, r)
         energy = float((d.sv.to(torch.float64) ** 2).sum())
         results.append(ModuleResult(t.name, t.shape, r, energy, d.discarded(r)))
 
@@ -291,12 +258,12 @@ def compensate_model(
     elif pass1 is not None and not options.sequential:
         for t in targets:
             d = pass1[t.name]
-            record(t, d, _metric_residual(originals[t.name], t))
+            record(t, d, residual(originals[t.name], t))
     else:
         decs = _one_shot(compressed, targets, originals, calibration if data_aware else None, scales,
                          {t.name: max(ranks[t.name], 1) for t in targets}, compute_dtype, dtype)
         for t in targets:
-            record(t, decs[t.name], _metric_residual(originals[t.name], t))
+            record(t, decs[t.name], residual(originals[t.name], t))
     by_name = {m.name: m for m in results}
     modules = [by_name[t.name] for t in targets]
     return CompensateOutcome(options, corrections, modules, time.perf_counter() - start, ran_in, fisher_windows)

@@ -144,10 +144,8 @@ def output_fisher(
     batches: list[torch.Tensor],
     compute_dtype: torch.dtype | None = None,
     recompute: bool = True,
-    full: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Per target, the float64 vector (out,) of E[(∂L/∂y_j)²] over calibration tokens (L: next-token NLL);
-    ``full``: the whole matrix E[(∂L/∂y)(∂L/∂y)ᵀ] (out, out), in float32.
+    """Per target, the float64 vector (out,) of E[(∂L/∂y_j)²] over calibration tokens (L: next-token NLL).
 
     ``compute_dtype``: autocast the passes to it (bfloat16 is 3x faster on CPUs that have it
     and changes the estimate by well under 1 %); ``recompute``: checkpoint the blocks to save memory.
@@ -174,12 +172,8 @@ def output_fisher(
     def hook_for(name: str, block: int | None):
         def accumulate(grad: torch.Tensor) -> None:
             leaving(block)
-            g = grad.detach().reshape(-1, grad.shape[-1]).float()
-            if full:
-                total = (g.T @ g).cpu()
-            else:
-                # float32 sums of one batch's squares, float64 across batches
-                total = g.square().sum(0).to("cpu", torch.float64)
+            # float32 sums of one batch's squares, float64 across batches
+            total = grad.detach().reshape(-1, grad.shape[-1]).float().square().sum(0).to("cpu", torch.float64)
             sums[name] = total if name not in sums else sums[name] + total
 
         def hook(module, args, output):

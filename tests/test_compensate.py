@@ -144,7 +144,7 @@ def test_compensated_layer_error_is_the_predicted_one(tiny_llama):
     damaged = _damaged(original, kind="prune")
     targets = select_targets(damaged)
     windows = _windows()
-    outcome = compensate_model(original, damaged, targets, CompensateOptions(rank=4, sequential=False, calib_dtype="float32"), windows)
+    outcome = compensate_model(original, damaged, targets, CompensateOptions(rank=4, method="eora", sequential=False, calib_dtype="float32"), windows)
     originals = dict(original.named_modules())
     for step in iterate_blocks(damaged, windows.batches(2), targets, compute_dtype=None):
         grams = step.collect_grams(block_final=True)
