@@ -100,7 +100,7 @@ def quantize_with_gptqmodel(
             format="gptq",
             offload_to_disk_path=str(Path(scratch) / "offload"),
         )
-        with _quiet_gptqmodel(), _enough_cpu_workers():
+        with _quiet_gptqmodel(), _enough_cpu_workers(), _logs_in(Path(scratch) / "logs"):
             for _ in track([folder], description=f"GPTQ w{options.bits} g{options.group_size} (GPTQModel)"):
                 model = _load(gptqmodel, folder, qconfig, dtype)
                 _quantize(model, calibration, compute_dtype)
@@ -189,6 +189,25 @@ def _quiet_gptqmodel() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _logs_in(folder: Path) -> Iterator[None]:
+    """GPTQModel 7.6 writes per-run log files into ``./logs`` of the working directory (a module
+    constant of its loop processor); point it at the scratch folder instead, so that a run leaves
+    nothing behind in the user's directory."""
+    try:
+        from gptqmodel.looper import loop_processor
+    except ImportError:  # another layout: leave it be
+        yield
+        return
+    saved = getattr(loop_processor, "_PROJECT_LOG_DIR", None)
+    loop_processor._PROJECT_LOG_DIR = folder
+    try:
+        yield
+    finally:
+        if saved is not None:
+            loop_processor._PROJECT_LOG_DIR = saved
 
 
 @contextlib.contextmanager

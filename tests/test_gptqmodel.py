@@ -67,12 +67,15 @@ def quantized(request, gptqmodel, tiny_llama, text_file, tmp_path_factory) -> Qu
     loaded = load_model(str(tiny_llama.path))
     calibration = load_calibration(CalibrationOptions(str(text_file), samples=8, seq_len=32), loaded.tokenizer)
     folder = tmp_path_factory.mktemp(f"gptq-w{request.param}") / "out"
+    workdir = tmp_path_factory.mktemp(f"cwd-w{request.param}")
     with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(workdir)  # GPTQModel would leave a logs/ folder in the working directory
         # GPTQModel's packer compiles a C++ extension on its first use on a machine (~20 s); its
         # Python path writes the same tensors.
         patch.setenv("GPTQMODEL_DISABLE_PACK_EXT", "1")
         quantize_with_gptqmodel(loaded, Options(request.param), calibration, folder)
     assert [p.name for p in folder.parent.iterdir()] == ["out"]  # no scratch folder left beside it
+    assert list(workdir.iterdir()) == []  # nor anything in the working directory
     return Quantized(request.param, folder, load_file(folder / "model.safetensors"))
 
 
