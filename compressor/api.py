@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import importlib
 import tempfile
 import time
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from compressor.evaluate import Comparison
     from compressor.factorize import FactorizeOutcome
 
+
+log = logging.getLogger(__name__)
 
 
 def _loaded(model: LoadedModel | str, dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -74,6 +77,8 @@ def evaluate(
         raise InvalidInputError(f"{loaded.source} is not a causal language model; perplexity needs one")
     loaded.check_seq_len(seq_len)
     if terms is not None:
+        if terms.base_model and terms.base_model != loaded.source:
+            log.warning("the adapter was made for %s, not %s", terms.base_model, loaded.source)
         apply_adapter(loaded.model, terms)
     ids = tokenize_text(loaded.tokenizer, text)
     result = perplexity(loaded.model, ids, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size)
@@ -320,7 +325,7 @@ def compensate(
     original loads or any calibration runs. Calibration windows come from the original model's
     tokenizer (and, for ``self``, its generations); the default is ``self`` with 64 windows of 512.
     """
-    from compressor.compensate import check_rank, compensate_model
+    from compressor.compensate import check_targets, compensate_model, matching_originals
     from compressor.formats.adapter import save_adapter
     from compressor.formats.atomic import check_destination
 
@@ -329,8 +334,9 @@ def compensate(
     dest = None if output is None else check_destination(output, overwrite)
     small = _loaded(compressed, dtype)
     targets = targets_of(small, include, exclude, factored=True)
-    check_rank(options, targets)
+    check_targets(options, targets)
     big = _loaded(original, dtype)
+    matching_originals(big.model, targets)  # before calibration, which may generate text for minutes
     windows = None
     if options.needs_calibration:
         windows = _windows(big, calibration or CalibrationOptions(), options.calib_dtype)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -112,11 +112,34 @@ def matching_originals(original: nn.Module, targets: list[Target]) -> dict[str, 
     return found
 
 
-def check_rank(options: CompensateOptions, targets: list[Target]) -> None:
-    """A rank no target can hold (above min(out, in)) is refused before any work."""
+def check_targets(options: CompensateOptions, targets: list[Target]) -> None:
+    """What can be refused before any work: a rank no target can hold (above min(out, in)); targets
+    outside the transformer blocks, which the layer loop cannot calibrate; a serving form above
+    the largest rank serving engines take."""
     too_small = [f"{t.name} {t.shape}" for t in targets if options.rank > min(t.shape)]
     if too_small:
         raise UsageError(f"--rank {options.rank} exceeds min(out, in) of {first_few(too_small)}")
+    outside = [t.name for t in targets if t.block_index is None]
+    if outside and (options.needs_calibration):
+        raise UsageError(
+            f"{first_few(outside)} lie outside the transformer blocks: calibrated compensation covers the blocks' "
+            "layers only (--method svd --alloc uniform corrects any layer)"
+        )
+    if options.serve_form is not False:
+        from compressor.formats.adapter import SERVING_RANKS
+
+        top = options.rank
+        if options.alloc == "global":
+            top = max(min(min(t.shape), GLOBAL_RANK_CAP * options.rank) for t in targets)
+        if top > SERVING_RANKS[-1] and (options.serve_form or options.alloc == "uniform"):
+            raise UsageError(
+                f"ranks up to {top} exceed the largest rank serving engines accept ({SERVING_RANKS[-1]}): "
+                "lower --rank, or write --exact-form"
+            )
+    factored = [t.name for t in targets if t.kind == "factored"]
+    if factored:
+        log.warning("%s are factored modules: PEFT cannot attach LoRA to them; apply the adapter with "
+                    "compress eval --adapter, or to the export-dense of the checkpoint", first_few(factored))
 
 
 def residual(original: Target, compressed: Target) -> torch.Tensor:
@@ -187,7 +210,7 @@ def compensate_model(
 
     ``compressed`` is left as it was (corrections are applied only while the passes run)."""
     start = time.perf_counter()
-    check_rank(options, targets)
+    check_targets(options, targets)
     originals = matching_originals(original, targets)
     if options.needs_calibration and calibration is None:
         raise UsageError(f"--method {options.method} --alloc {options.alloc} needs calibration data")
@@ -201,10 +224,10 @@ def compensate_model(
             fisher_windows = len(windows)
             fisher = output_fisher(compressed, targets, windows, compute_dtype)
         else:
+            fallbacks = [f for f, used in (("--method fisher falls back to eora", options.method == "fisher"),
+                                            ("--alloc global to uniform", options.alloc == "global")) if used]
             log.warning("%s has no language-model head to take loss gradients from: %s", type(compressed).__name__,
-                        "--method fisher falls back to eora, --alloc global to uniform")
-            from dataclasses import replace
-
+                        ", ".join(fallbacks))
             options = replace(
                 options, method="eora" if options.method == "fisher" else options.method, alloc="uniform"
             )
@@ -255,7 +278,7 @@ def compensate_model(
             # The block's outputs, the next block's inputs, come from the corrected block.
             with terms_applied(compressed, new):
                 step.outputs()
-    elif pass1 is not None and not options.sequential:
+    elif pass1 is not None:  # one-shot, or svd (whose pass 1 is all there is to it)
         for t in targets:
             d = pass1[t.name]
             record(t, d, residual(originals[t.name], t))

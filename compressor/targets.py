@@ -74,7 +74,8 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def _kind(module: nn.Module, factored: bool) -> str | None:
+def module_kind(module: nn.Module, factored: bool = False) -> str | None:
+    """"linear", "conv1d", "factored" (only when ``factored``) or None for any other module."""
     if isinstance(module, nn.Linear):
         return "linear"
     if bool(Conv1D) and isinstance(module, Conv1D):
@@ -100,7 +101,7 @@ def select_targets(
     prefix = f"{blocks_name}." if blocks_name else ""
     targets = []
     for name, module in model.named_modules():
-        kind = _kind(module, factored)
+        kind = module_kind(module, factored)
         if kind is None:
             continue
         block_index = None

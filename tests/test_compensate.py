@@ -226,11 +226,12 @@ def test_compensating_a_factored_checkpoint(tiny_llama, tmp_path):
     adapter = tmp_path / "adapter"
     result = api.compensate(tiny_llama.path, factored, CompensateOptions(rank=4), _windows(), output=adapter)
     assert len(result.outcome.corrections) == len(select_targets(tiny_llama.model))
-    text = tmp_path / "eval.txt"
-    text.write_text(" ".join(f"w{i % 50}" for i in range(3000)))
-    plain = api.evaluate(str(factored), text, seq_len=32, max_windows=4)
-    corrected = api.evaluate(str(factored), text, seq_len=32, max_windows=4, adapter=adapter)
-    assert corrected.perplexity != plain.perplexity  # the hooks on the factored modules ran
+    model = api.loading.load_model(str(factored)).model
+    assert {t.kind for t in select_targets(model, factored=True)} == {"factored"}  # the corrections go through hooks
+    ids = _windows(2, 32, seed=5).input_ids  # held out
+    before = _logit_error(model, tiny_llama.model, ids)
+    apply_adapter(model, read_adapter(adapter))
+    assert _logit_error(model, tiny_llama.model, ids) < 0.9 * before
 
 
 def test_compensating_a_pruned_checkpoint_brings_logits_back(tiny_llama, tmp_path, text_file):
@@ -261,7 +262,7 @@ def test_bad_rank_fails_before_any_work(tiny_llama, damaged_llama, tmp_path, mon
         CompensateOptions(rank=4, method="nope")
 
 
-def test_mismatched_models_and_adapters_are_invalid_input(tiny_llama, tiny_qwen2, damaged_llama, tmp_path, text_file):
+def test_mismatched_models_and_adapters_are_invalid_input(tiny_llama, damaged_llama, tmp_path, text_file, capsys):
     with pytest.raises(InvalidInputError, match="do not match"):
         gpt = build_model("gpt2")
         compensate_model(gpt, tiny_llama.model, select_targets(tiny_llama.model), CompensateOptions(rank=2), _windows())
@@ -271,13 +272,21 @@ def test_mismatched_models_and_adapters_are_invalid_input(tiny_llama, tiny_qwen2
     gpt2_folder = tmp_path / "gpt2"
     build_model("gpt2").save_pretrained(gpt2_folder)
     tiny_llama.tokenizer.save_pretrained(gpt2_folder)
-    assert run(["eval", str(gpt2_folder), "--data", str(text_file), "--seq-len", "16", "--adapter", str(adapter)]) == 3
+    capsys.readouterr()
+
+    def error_of(model, adapter_folder) -> str:
+        assert run(["eval", str(model), "--data", str(text_file), "--seq-len", "16", "--adapter", str(adapter_folder)]) == 3
+        return capsys.readouterr().err
+
+    assert "the adapter does not fit the model: no linear module model.layers.0." in error_of(gpt2_folder, adapter)
     terms = read_adapter(adapter).terms
     name = next(iter(terms))
+    out_features, in_features = terms[name].shape
     bad = tmp_path / "bad"
     save_adapter(bad, {name: type(terms[name])(terms[name].b[:-1], terms[name].a)}, base_model=None)
-    assert run(["eval", str(damaged_llama), "--data", str(text_file), "--seq-len", "16", "--adapter", str(bad)]) == 3
-    assert run(["eval", str(damaged_llama), "--data", str(text_file), "--seq-len", "16", "--adapter", str(tmp_path / "none")]) == 3
+    expected = f"shapes (out, in) differ, adapter vs model: {name} ({out_features - 1}, {in_features}) vs ({out_features}, {in_features})"
+    assert expected in error_of(damaged_llama, bad)
+    assert f"adapter folder not found: {tmp_path / 'none'}" in error_of(damaged_llama, tmp_path / "none")
 
 
 def test_cli_compensate_then_eval(tiny_llama, damaged_llama, tmp_path, text_file):
@@ -293,3 +302,132 @@ def test_cli_compensate_then_eval(tiny_llama, damaged_llama, tmp_path, text_file
     assert (adapter / "adapter_model.safetensors").is_file()
     assert run(["eval", str(damaged_llama), "--data", str(text_file), "--seq-len", "32", "--max-windows", "2", "--adapter", str(adapter)]) == 0
     assert run(["compensate", str(tiny_llama.path), str(damaged_llama), "--rank", "4", "--calib", str(text_file), "-o", str(adapter)]) == 2
+
+
+def test_serving_form_pads_rank_4_to_8_with_the_same_logits(tiny_llama, damaged_llama, tmp_path):
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    serve, exact = tmp_path / "serve", tmp_path / "exact"
+    result = api.compensate(tiny_llama.path, damaged_llama, CompensateOptions(rank=4, method="eora"), _windows(), output=serve)
+    config = json.loads((serve / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["rank_pattern"], config["alpha_pattern"]) == (8, 8, {}, {})
+    for key, tensor in load_file(str(serve / "adapter_model.safetensors")).items():
+        padding = tensor[4:] if ".lora_A." in key else tensor[:, 4:]
+        assert tensor.shape[0 if ".lora_A." in key else 1] == 8 and not padding.any(), key
+    save_adapter(exact, result.outcome.corrections, base_model=None, serve_form=False)
+    assert json.loads((exact / "adapter_config.json").read_text())["r"] == 4
+    ids = _windows(2, 24, seed=4).input_ids
+    logits = []
+    for adapter in (exact, serve):
+        model = api.loading.load_model(str(damaged_llama)).model
+        apply_adapter(model, read_adapter(adapter))
+        logits.append(model(input_ids=ids).logits.detach())
+    theirs = peft.PeftModel.from_pretrained(api.loading.load_model(str(damaged_llama)).model, str(serve)).eval()
+    with torch.no_grad():
+        logits.append(theirs(input_ids=ids).logits)
+    assert torch.allclose(logits[0], logits[1], atol=1e-5)
+    assert torch.allclose(logits[0], logits[2], atol=1e-5)
+
+
+def _fake_targets(size: int = 1024):
+    """Targets of a width the tiny models lack, on the meta device (no memory)."""
+    from torch import nn
+
+    from compressor.targets import Target
+
+    return [Target(f"model.layers.{i}.mlp.down_proj", nn.Linear(size, size, bias=False, device="meta"), i, "linear") for i in range(2)]
+
+
+def test_serving_rank_above_512_is_refused_before_any_work():
+    from compressor.compensate import check_targets
+
+    targets = _fake_targets()
+    for serve_form in (True, None):  # None: the serving form, since uniform ranks are all the same
+        with pytest.raises(UsageError, match=r"ranks up to 600 exceed the largest rank serving engines accept \(512\).*--exact-form"):
+            check_targets(CompensateOptions(rank=600, serve_form=serve_form), targets)
+    check_targets(CompensateOptions(rank=600, serve_form=False), targets)
+    check_targets(CompensateOptions(rank=512, serve_form=True), targets)
+    # --alloc global: up to 4 × the average rank, capped by min(out, in)
+    with pytest.raises(UsageError, match="ranks up to 800 exceed"):
+        check_targets(CompensateOptions(rank=200, alloc="global", serve_form=True), targets)
+    check_targets(CompensateOptions(rank=128, alloc="global", serve_form=True), targets)
+    check_targets(CompensateOptions(rank=200, alloc="global"), targets)  # ranks that differ: the exact form
+
+
+def test_targets_outside_the_blocks_need_svd_uniform(tiny_llama, damaged_llama, tmp_path):
+    for method, alloc in (("eora", "uniform"), ("fisher", "uniform"), ("svd", "global")):
+        with pytest.raises(UsageError, match="lm_head lie outside the transformer blocks"):
+            api.compensate(tiny_llama.path, damaged_llama, CompensateOptions(rank=4, method=method, alloc=alloc), _windows(),
+                           include=["lm_head"], output=tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    original = tiny_llama.model
+    damaged = _damaged(original)
+    with torch.no_grad():
+        damaged.lm_head.weight.mul_(damaged.lm_head.weight.abs() > damaged.lm_head.weight.abs().median())
+    targets = select_targets(damaged, include=["lm_head", "model.layers.0.mlp.down_proj"])
+    outcome = compensate_model(original, damaged, targets, CompensateOptions(rank=4, method="svd"), None)
+    delta = (original.lm_head.weight - damaged.lm_head.weight).detach().double()
+    term = outcome.corrections["lm_head"]
+    optimum = float(torch.linalg.svdvals(delta)[4:].square().sum())  # plain SVD: the Frobenius optimum
+    assert float((delta - term.b.double() @ term.a.double()).square().sum()) == pytest.approx(optimum, rel=1e-5)
+    assert next(m for m in outcome.modules if m.name == "lm_head").remaining == pytest.approx(optimum, rel=1e-5)
+
+
+def test_gpt2_conv1d_adapter_loads_in_peft_with_our_logits(tiny_gpt2, tmp_path):
+    peft = pytest.importorskip("peft")
+    folder, adapter = tmp_path / "damaged", tmp_path / "adapter"
+    _damaged(tiny_gpt2.model).save_pretrained(folder)
+    tiny_gpt2.tokenizer.save_pretrained(folder)
+    api.compensate(tiny_gpt2.path, folder, CompensateOptions(rank=4, method="eora"), _windows(), output=adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True and config["target_modules"] == ["c_attn", "c_fc", "c_proj"]
+    ids = _windows(2, 24, seed=3).input_ids
+    ours = api.loading.load_model(str(folder)).model
+    before = _logit_error(ours, tiny_gpt2.model, ids)
+    apply_adapter(ours, read_adapter(adapter))
+    assert _logit_error(ours, tiny_gpt2.model, ids) < before
+    theirs = peft.PeftModel.from_pretrained(api.loading.load_model(str(folder)).model, str(adapter)).eval()
+    with torch.no_grad():
+        assert torch.allclose(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5)
+
+
+def test_sequential_calibrates_each_block_after_the_corrected_ones(tiny_llama):
+    """Sequential: each module's measured calibration-weighted error, on Grams re-collected with
+    the corrections of the earlier blocks applied, equals the prediction; on the uncorrected
+    model's Grams it would not (block 1)."""
+    from compressor.formats.adapter import terms_applied
+    from compressor.pipeline import CALIBRATION_BATCH, iterate_blocks
+
+    original = tiny_llama.model
+    damaged = _damaged(original, kind="prune")
+    targets = select_targets(damaged)
+    windows = _windows()
+    options = CompensateOptions(rank=4, method="eora", sequential=True, calib_dtype="float32")
+    outcome = compensate_model(original, damaged, targets, options, windows)
+    results = {m.name: m for m in outcome.modules}
+    block_of = {t.name: t.block_index for t in targets}
+    originals = dict(original.named_modules())
+
+    def grams_of(block: int, terms: dict) -> dict:
+        grams = {}
+        with terms_applied(damaged, terms):
+            for step in iterate_blocks(damaged, windows.batches(CALIBRATION_BATCH), [t for t in targets if t.block_index == block]):
+                grams = step.collect_grams(block_final=True)
+        return {name: g.matrix for name, g in grams.items()}
+
+    def error(name: str, gram: torch.Tensor) -> float:
+        delta = (originals[name].weight - damaged.get_submodule(name).weight).detach().double()
+        term = outcome.corrections[name]
+        left = delta - term.b.double() @ term.a.double()
+        return float(torch.trace(left @ gram @ left.T))
+
+    assert sorted(set(block_of.values())) == [0, 1]
+    for block in (0, 1):
+        earlier = {name: term for name, term in outcome.corrections.items() if block_of[name] < block}
+        assert len(earlier) == (0 if block == 0 else 7)
+        for name, gram in grams_of(block, earlier).items():
+            assert error(name, gram) == pytest.approx(results[name].remaining, rel=1e-5, abs=1e-10), name
+            assert results[name].remaining < results[name].energy
+    one_shot = grams_of(1, {})  # measured 1e-3 to 0.24 away from the prediction
+    assert any(abs(error(name, gram) - results[name].remaining) > 1e-2 * results[name].remaining for name, gram in one_shot.items())

@@ -262,6 +262,117 @@ def test_greedy_floors():
         allocate.greedy_plan(energies, shapes, 0.05, floors=[40, 40, 40])
 
 
+
+# ---------------------------------------------------------------- budget_ranks (compensation)
+
+
+def _budget_problem(seed: int, shapes):
+    """Squared singular values of small random matrices, and positive weights."""
+    g = torch.Generator().manual_seed(seed)
+    energies = [torch.linalg.svdvals(torch.randn(m, n, generator=g, dtype=torch.float64)) ** 2 for m, n in shapes]
+    weights = [0.2 + float(torch.rand(1, generator=g, dtype=torch.float64)) for _ in shapes]
+    return energies, weights
+
+
+def _captured(ranks, energies, weights) -> float:
+    return sum(w * float(e[:r].sum()) for r, e, w in zip(ranks, energies, weights))
+
+
+def _budget_cost(ranks, shapes) -> int:
+    return sum(r * (m + n) for r, (m, n) in zip(ranks, shapes))
+
+
+def _brute_force(energies, shapes, caps, weights, budget) -> float:
+    import itertools
+
+    return max(
+        _captured(ranks, energies, weights)
+        for ranks in itertools.product(*(range(c + 1) for c in caps))
+        if _budget_cost(ranks, shapes) <= budget
+    )
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_budget_ranks_stays_within_budget_and_caps(seed):
+    shapes = [(12, 8), (6, 10), (9, 5)]
+    energies, weights = _budget_problem(seed, shapes)
+    caps = [5, 2, 4]
+    for budget in range(0, 260, 7):
+        ranks = allocate.budget_ranks(energies, shapes, budget, caps, weights)
+        spent = _budget_cost(ranks, shapes)
+        assert spent <= budget
+        assert all(0 <= r <= c for r, c in zip(ranks, caps))
+        # the budget is spent: no matrix below its cap has a step that would still fit
+        assert all(r == c or m + n > budget - spent for r, c, (m, n) in zip(ranks, caps, shapes))
+    # a budget that affords everything stops at the caps
+    assert allocate.budget_ranks(energies, shapes, 10**6, caps, weights) == caps
+
+
+def test_budget_ranks_floors():
+    shapes = [(12, 8), (6, 10), (9, 5)]
+    energies, _ = _budget_problem(0, shapes)
+    energies[0] = energies[0] * 1e-12  # nothing to gain in matrix 0: only its floor gives it rank
+    ranks = allocate.budget_ranks(energies, shapes, 100, [5, 5, 5], floors=[3, 0, 0])
+    assert ranks[0] == 3 and _budget_cost(ranks, shapes) <= 100
+    assert allocate.budget_ranks(energies, shapes, 100, [2, 5, 5], floors=[3, 0, 0])[0] == 2  # a floor is capped
+    assert allocate.budget_ranks(energies, shapes, 72, [5, 5, 5], floors=[2, 2, 0])[:2] == [2, 2]  # 2·20 + 2·16 = 72
+    with pytest.raises(UsageError, match=r"rank floors alone need 72 parameters, above the budget of 71"):
+        allocate.budget_ranks(energies, shapes, 71, [5, 5, 5], floors=[2, 2, 0])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_budget_ranks_is_optimal_when_steps_cost_the_same(seed):
+    """Equal m + n: every step costs the same, so the best steps first is exactly the optimum."""
+    shapes = [(6, 4), (7, 3), (5, 5)]
+    energies, weights = _budget_problem(10 + seed, shapes)
+    caps = [4, 3, 5]
+    for budget in range(0, 130, 5):
+        ranks = allocate.budget_ranks(energies, shapes, budget, caps, weights)
+        best = _brute_force(energies, shapes, caps, weights, budget)
+        assert _captured(ranks, energies, weights) == pytest.approx(best, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_budget_ranks_is_optimal_up_to_one_step(seed):
+    """Steps of different costs (a knapsack): the greedy is optimal up to its last step. Precisely,
+    (a) optimum − greedy ≤ the largest gain wᵢ·σ²ᵢ[rᵢ] that one more step of any matrix below its
+    cap would bring (the fractional knapsack bound), and (b) the greedy captures at least the
+    optimum of the budget less one largest step plus one parameter (its steps up to the first
+    that did not fit are an optimal plan for what they cost, which is more than that)."""
+    shapes = [(6, 4), (3, 2), (10, 6)]  # steps of 10, 5 and 16 parameters
+    energies, weights = _budget_problem(20 + seed, shapes)
+    caps = [4, 2, 5]
+    for budget in range(0, 140, 3):
+        ranks = allocate.budget_ranks(energies, shapes, budget, caps, weights)
+        greedy = _captured(ranks, energies, weights)
+        best = _brute_force(energies, shapes, caps, weights, budget)
+        next_gain = max((w * float(e[r]) for r, c, e, w in zip(ranks, caps, energies, weights) if r < c), default=0.0)
+        assert greedy <= best * (1 + 1e-12) + 1e-12
+        assert best - greedy <= next_gain * (1 + 1e-12) + 1e-12
+        smaller = budget - max(m + n for m, n in shapes) + 1
+        if smaller >= 0:
+            assert greedy >= _brute_force(energies, shapes, caps, weights, smaller) * (1 - 1e-12) - 1e-12
+
+
+def test_budget_ranks_prefers_gain_per_parameter():
+    """One step of 20 parameters gaining 4, or four of 5 gaining 3 each: the cheap steps win."""
+    energies = [_t([4.0]), _t([3.0, 3.0, 3.0, 3.0])]
+    shapes = [(12, 8), (3, 2)]
+    assert allocate.budget_ranks(energies, shapes, 20, [1, 4]) == [0, 4]
+
+
+def test_budget_ranks_one_step_bound_is_needed():
+    """A hand-made knapsack where the best steps first is not optimal: the step of 10 parameters
+    gaining 10 goes first, then no step of 6 fits in 12, where two steps of 6 would gain 11. The
+    shortfall, 1, stays below the one-step bound (5.5)."""
+    energies = [_t([10.0]), _t([5.5, 5.5])]
+    shapes, caps, weights = [(5, 5), (3, 3)], [1, 2], [1.0, 1.0]
+    ranks = allocate.budget_ranks(energies, shapes, 12, caps)
+    assert _brute_force(energies, shapes, caps, weights, 12) == 11.0
+    assert _budget_cost(ranks, shapes) <= 12
+    assert 11.0 - _captured(ranks, energies, weights) <= 5.5
+
+
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("target", [0.1, 0.3, 0.5, 0.8, 1.0])
 def test_welore_plan(seed, target):

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.errors import InvalidInputError, UsageError, first_few
+from compressor.errors import InvalidInputError, NumericalError, UsageError, first_few
 from compressor.formats.atomic import atomic_dir, check_destination
+from compressor.targets import module_kind
 
 SERVING_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM accepts
 CONFIG = "adapter_config.json"
@@ -143,8 +144,11 @@ def save_adapter(
 def _pattern_value(pattern: dict, name: str, default):
     """PEFT's rule: a pattern key applies to the module whose name it ends (as a regex)."""
     for key, value in pattern.items():
-        if key == name or re.fullmatch(rf"(.*\.)?(?:{key})", name):
-            return value
+        try:
+            if key == name or re.fullmatch(rf"(.*\.)?(?:{key})", name):
+                return value
+        except re.error as e:
+            raise InvalidInputError(f"adapter pattern {key!r} is not a valid regular expression: {e}") from e
     return default
 
 
@@ -163,7 +167,9 @@ def read_adapter(folder: str | Path) -> Adapter:
         raise InvalidInputError(f"{folder} has no {CONFIG}: not a PEFT adapter folder") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InvalidInputError(f"cannot read {folder / CONFIG}: {e}") from e
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+    if not isinstance(config, dict):
+        raise InvalidInputError(f"{folder / CONFIG} is not a JSON object")
+    if config.get("peft_type") != "LORA":
         raise InvalidInputError(f"{folder}: only LoRA adapters can be applied (peft_type {config.get('peft_type')!r})")
     if config.get("use_dora"):
         raise InvalidInputError(f"{folder}: DoRA adapters are not supported")
@@ -175,15 +181,21 @@ def read_adapter(folder: str | Path) -> Adapter:
     except (OSError, SafetensorError) as e:
         raise InvalidInputError(f"cannot read {weights}: {e}") from e
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    strange = []
+    strange, names = [], set()
     for key, value in tensors.items():
-        match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+        match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(\.[^.]+)?\.weight", key)
         if match is None:
             strange.append(key)
             continue
+        names.add(match.group(3))
         pairs.setdefault(match.group(1), {})[match.group(2)] = value
     if strange:
         raise InvalidInputError(f"{weights}: tensors that are not LoRA factors: {first_few(strange)}")
+    if len(names) > 1:
+        raise InvalidInputError(f"{weights} holds several adapters ({', '.join(sorted(n or '(unnamed)' for n in names))}); save one")
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise NumericalError(f"{weights}: {first_few(bad)} hold NaN or Inf")
     r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     terms: dict[str, LowRankTerm] = {}
@@ -204,9 +216,7 @@ def read_adapter(folder: str | Path) -> Adapter:
 
 def _module_shape(module: nn.Module) -> tuple[int, int] | None:
     """(out, in) of a module an adapter may target, None for any other."""
-    from compressor.targets import _kind
-
-    kind = _kind(module, factored=True)
+    kind = module_kind(module, factored=True)
     if kind is None:
         return None
     if kind == "factored":
@@ -239,27 +249,42 @@ def check_adapter(model: nn.Module, adapter: Adapter) -> None:
 @torch.no_grad()
 def apply_adapter(model: nn.Module, adapter: Adapter) -> None:
     """Add each term to its module: merged into the weight of a Linear or Conv1D (W += B·A, in the
-    weight's dtype), a forward hook on a factored module. Checked whole first."""
+    weight's dtype), a forward hook on a factored module or on a weight that another module shares
+    (a tied LM head: merging would change the embeddings too). Checked whole first."""
     check_adapter(model, adapter)
+    shared = _shared_weights(model)
     for name, term in adapter.terms.items():
         module = model.get_submodule(name)
-        delta = term.b.to(torch.float64) @ term.a.to(torch.float64)
-        if isinstance(module, nn.Linear):
-            module.weight += delta.to(module.weight.dtype)
-        elif hasattr(module, "weight") and not hasattr(module, "weight_a"):  # Conv1D: (in, out)
-            module.weight += delta.T.to(module.weight.dtype)
-        else:
+        kind = module_kind(module, factored=True)
+        if kind == "factored" or id(module.weight) in shared:
             module.register_forward_hook(adding_hook(term))
+            continue
+        delta = term.b.to(torch.float64) @ term.a.to(torch.float64)
+        delta = delta.T if kind == "conv1d" else delta  # Conv1D stores (in, out)
+        module.weight += delta.to(module.weight.device, module.weight.dtype)
+
+
+def _shared_weights(model: nn.Module) -> set[int]:
+    """ids of the parameters that more than one module holds."""
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {pid for pid, n in seen.items() if n > 1}
 
 
 def adding_hook(term: LowRankTerm):
-    """A forward hook adding x·Aᵀ·Bᵀ to a module's output."""
+    """A forward hook adding x·Aᵀ·Bᵀ to a module's output (the factors moved to the input's
+    device once, on the first call there)."""
+    on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def hook(module, args, output):
         x = args[0]
+        if x.device not in on_device:
+            on_device[x.device] = (term.a.to(x.device), term.b.to(x.device))
+        a, b = on_device[x.device]
         if not torch.is_autocast_enabled(x.device.type):  # autocast casts by itself
-            x = x.to(term.a.dtype)
-        return output + F.linear(F.linear(x, term.a.to(x.device)), term.b.to(x.device)).to(output.dtype)
+            x = x.to(a.dtype)
+        return output + F.linear(F.linear(x, a), b).to(output.dtype)
 
     return hook
 
