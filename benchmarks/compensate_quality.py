@@ -71,7 +71,11 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--no-original", action="store_true", help="skip evaluating the original model")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--table", action="store_true", help="print --out's rows as a markdown table and exit")
     args = parser.parse_args()
+    if args.table:
+        print_table(json.loads(args.out.read_text()))
+        return
 
     torch.manual_seed(0)
     original = load_model(args.model)
@@ -115,6 +119,18 @@ def main() -> None:
                 "mean_relative_error": round(outcome.mean_relative_error, 4),
                 "seconds": round(seconds, 1),
             })
+
+
+def print_table(rows: list[dict]) -> None:
+    """The last row of each (base, compensation) as a markdown table, texts as columns."""
+    latest = {(r["base"], r["compensation"]): r for r in rows}
+    texts = list(next(iter(latest.values()))["perplexity"])
+    print("| base | compensation | mean rank | " + " | ".join(texts) + " | seconds |")
+    print("|---|---|---|" + "---|" * len(texts) + "---|")
+    for (base, comp), r in latest.items():
+        rank = f"{r['mean_rank']:.0f}" if "mean_rank" in r else "-"
+        cells = " | ".join(f"{r['perplexity'][t]:.2f}" for t in texts)
+        print(f"| {base} | {comp or '-'} | {rank} | {cells} | {r.get('seconds', '-')} |")
 
 
 if __name__ == "__main__":
