@@ -5,7 +5,7 @@
 Bases: RTN (``rtn:BITS:GROUP``, quantized in memory by compressor.quantize), a GPTQ checkpoint
 (``gptq:FOLDER``, e.g. written by ``compress quantize --method gptq``) or a factored checkpoint
 (``factored:FOLDER``). Each base is evaluated as it is and with every compensation in --comp
-(``METHOD:ALLOC:MODE:RANK``, e.g. ``eora:uniform:seq:16``).
+(``METHOD:ALLOC:MODE:RANK[:FISHER_WINDOWS]``, e.g. ``eora:uniform:seq:16``).
 Calibration: 64 windows of 512 tokens of WikiText-2 validation, seed 0. Evaluation: the
 `compress eval` protocol on the first 32 windows of 512 of WikiText-2 test, and on --extra texts
 (text unlike the calibration set). Rows are appended to --out as they finish.
@@ -55,8 +55,9 @@ def base_model(spec: str, original) -> tuple[torch.nn.Module, str]:
 
 
 def comp_options(spec: str) -> CompensateOptions:
-    method, alloc, mode, rank = spec.split(":")
-    return CompensateOptions(rank=int(rank), method=method, alloc=alloc, sequential=mode == "seq")
+    method, alloc, mode, rank, *windows = spec.split(":")
+    extra = {"fisher_windows": int(windows[0])} if windows else {}
+    return CompensateOptions(rank=int(rank), method=method, alloc=alloc, sequential=mode == "seq", **extra)
 
 
 def main() -> None:

@@ -162,19 +162,14 @@ def _load_folder(path: Path, dtype: torch.dtype, source: str) -> LoadedModel:
 
 
 def load_checkpoint(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
-    """``compressor.load``: a checkpoint this tool writes, loaded strictly: (model, tokenizer).
-
-    A GPTQ folder loads dequantized (:func:`compressor.formats.gptq.load_gptq`); anything else is
-    read as a factored checkpoint (:func:`compressor.formats.checkpoint.load_factored`), which
-    refuses what is not one."""
+    """``compressor.load``: (model, tokenizer) from a factored or GPTQ checkpoint this tool writes
+    (each validated strictly), an ordinary (e.g. pruned) model folder, or any other MODEL spec."""
     from compressor.formats.checkpoint import FactoredFolder, load_factored
 
-    if not isinstance(path, FactoredFolder):
-        from compressor.formats.gptq import is_gptq_folder, load_gptq
-
-        if Path(path).is_dir() and is_gptq_folder(path):
-            return load_gptq(path, dtype)
-    return load_factored(path, dtype)
+    if isinstance(path, FactoredFolder):
+        return load_factored(path, dtype)
+    loaded = load_model(str(path), dtype)
+    return loaded.model, loaded.tokenizer
 
 
 def _quant_method(folder: Path) -> str | None:

@@ -243,7 +243,9 @@ def test_compensating_a_pruned_checkpoint_brings_logits_back(tiny_llama, tmp_pat
     adapter = tmp_path / "adapter"
     api.compensate(tiny_llama.path, pruned, CompensateOptions(rank=16), CalibrationOptions(str(text_file), 16, 32), output=adapter)
     ids = tokenize_text(tiny_llama.tokenizer, read_text(text_file))[-4 * 32 :].view(4, 32)  # the text's end: mostly unseen
-    plain = api.loading.load_model(str(pruned)).model
+    import compressor
+
+    plain, _ = compressor.load(pruned)  # an ordinary checkpoint loads through the public entry too
     corrected = api.loading.load_model(str(pruned)).model
     apply_adapter(corrected, read_adapter(adapter))
     assert _logit_error(corrected, tiny_llama.model, ids) < 0.7 * _logit_error(plain, tiny_llama.model, ids)
