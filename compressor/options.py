@@ -62,8 +62,23 @@ class CalibrationOptions:
             raise InvalidInputError(f"calibration file not found: {spec}")
 
 
+class _NeedsOfMethod:
+    """What a ``method`` and ``alloc`` ask for, the same for factorize and compensate."""
+
+    method: str
+    alloc: str
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "svd" or self.alloc == "global"
+
+    @property
+    def needs_fisher(self) -> bool:
+        return self.method == "fisher" or self.alloc == "global"
+
+
 @dataclass(frozen=True)
-class FactorizeOptions:
+class FactorizeOptions(_NeedsOfMethod):
     """How ``factorize`` chooses ranks and factors (``--target``, ``--method``, ``--alloc``, …)."""
 
     target: float
@@ -86,21 +101,13 @@ class FactorizeOptions:
         if not 0 <= self.floor_fraction <= 1:
             raise UsageError(f"floor fraction must be in [0, 1], got {self.floor_fraction}")
 
-    @property
-    def needs_calibration(self) -> bool:
-        return self.method != "svd" or self.alloc == "global"
-
-    @property
-    def needs_fisher(self) -> bool:
-        return self.method == "fisher" or self.alloc == "global"
-
 
 COMPENSATE_METHODS = ("fisher", "eora", "svd")
 COMPENSATE_ALLOCATIONS = ("uniform", "global")
 
 
 @dataclass(frozen=True)
-class CompensateOptions:
+class CompensateOptions(_NeedsOfMethod):
     """How ``compensate`` fits its rank-``rank`` corrections (``--rank``, ``--method``, ``--alloc``, …).
 
     ``rank``: per module under ``uniform``; under ``global``, the average that fixes the budget
@@ -130,14 +137,6 @@ class CompensateOptions:
         check_calib_dtype(self.calib_dtype)
         if self.fisher_windows < 1:
             raise UsageError(f"--fisher-windows must be at least 1, got {self.fisher_windows}")
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.method != "svd" or self.alloc == "global"
-
-    @property
-    def needs_fisher(self) -> bool:
-        return self.method == "fisher" or self.alloc == "global"
 
 
 QUANTIZE_BITS = (2, 3, 4, 8)

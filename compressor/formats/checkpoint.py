@@ -73,6 +73,16 @@ class FactoredFolder:
         return [self.path / name for name in sorted({t.file for t in self.tensors.values()})]
 
 
+def loading_problems(info: dict | None) -> "_Problems":
+    """What ``from_pretrained(..., output_loading_info=True)`` reported missing, unexpected or mismatched."""
+    problems = _Problems()
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in (info or {}).get(kind) or ())
+        if keys:
+            problems.append(f"{kind.replace('_', ' ')}: {first_few(keys)}")
+    return problems
+
+
 class _Problems(list):
     def raise_if_any(self, what: str) -> None:
         if self:
@@ -335,11 +345,7 @@ def load_factored(
         raise OutOfResourcesError(f"out of memory while loading {folder.path}") from e
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise InvalidInputError(f"cannot load the factored checkpoint at {folder.path}: {first_line(e)}") from e
-    problems = _Problems()
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        keys = sorted(str(k) for k in (info or {}).get(kind) or ())
-        if keys:
-            problems.append(f"{kind.replace('_', ' ')}: {first_few(keys)}")
+    problems = loading_problems(info)
     loaded = {name: m.rank for name, m in factored_modules(model).items()}
     names = {name for name, _ in model.named_modules()}
     prefix = getattr(model, "base_model_prefix", "") or ""

@@ -47,7 +47,7 @@ from torch import nn
 from compressor.architecture import model_class
 from compressor.errors import InvalidInputError, NumericalError, OutOfResourcesError, first_few, first_line
 from compressor.formats.atomic import atomic_dir
-from compressor.formats.checkpoint import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, _load_tokenizer, _Problems, _weight_map
+from compressor.formats.checkpoint import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, _load_tokenizer, _Problems, _weight_map, loading_problems
 from compressor.formats.gptq_packing import (
     BITS,
     TENSOR_SUFFIXES,
@@ -464,11 +464,7 @@ def load_gptq(path: str | os.PathLike[str] | GptqFolder, dtype: torch.dtype = to
         raise OutOfResourcesError(f"out of memory while loading {folder.path}") from e
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise InvalidInputError(f"cannot load the GPTQ checkpoint at {folder.path}: {first_line(e)}") from e
-    problems = _Problems()
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        keys = sorted(str(k) for k in (info or {}).get(kind) or ())
-        if keys:
-            problems.append(f"{kind.replace('_', ' ')}: {first_few(keys)}")
+    problems = loading_problems(info)
     problems.raise_if_any(f"the GPTQ checkpoint at {folder.path} does not match its model")
     model.config.name_or_path = str(folder.path)
     _load_generation_config(model, folder.path)
