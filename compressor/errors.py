@@ -50,3 +50,9 @@ def first_few(items: list[str], shown: int = 5) -> str:
     """Up to ``shown`` items joined by commas, and how many more there are, for error messages."""
     more = f" and {len(items) - shown} more" if len(items) > shown else ""
     return ", ".join(items[:shown]) + more
+
+
+def problems_message(what: str, problems: list[str], shown: int = 8) -> str:
+    """``what`` and up to ``shown`` problems on one line, and how many more there are."""
+    more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
+    return f"{what}: {'; '.join(problems[:shown])}{more}"

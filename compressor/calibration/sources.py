@@ -77,9 +77,12 @@ def read_text(path: str | Path, what: str = "data") -> str:
     if not path.is_file():
         raise InvalidInputError(f"{what} file not found: {path}")
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise InvalidInputError(f"cannot read {path}: {e}") from e
+    if not text.strip():
+        raise InvalidInputError(f"{what} file {path} holds no text")
+    return text
 
 
 def _jsonl_text(path: Path) -> str:

@@ -158,6 +158,8 @@ def read_adapter(folder: str | Path) -> Adapter:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from compressor.formats.safetensors_header import read_safetensors_header
+
     folder = Path(folder)
     if not folder.is_dir():
         raise InvalidInputError(f"adapter folder not found: {folder}")
@@ -176,6 +178,10 @@ def read_adapter(folder: str | Path) -> Adapter:
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise InvalidInputError(f"{folder} has no {WEIGHTS}")
+    try:
+        read_safetensors_header(weights)  # a corrupt file is refused, naming each problem, before it is read
+    except InvalidInputError as e:
+        raise InvalidInputError(f"cannot read the adapter: {e}") from e
     try:
         tensors = load_file(str(weights))
     except (OSError, SafetensorError) as e:

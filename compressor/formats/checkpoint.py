@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from compressor.architecture import model_class
-from compressor.errors import InvalidInputError, OutOfResourcesError, first_few, first_line
+from compressor.errors import InvalidInputError, OutOfResourcesError, first_few, first_line, problems_message
 from compressor.formats.atomic import atomic_dir
 from compressor.formats.factored import (
     QUANT_METHOD,
@@ -34,25 +34,23 @@ from compressor.formats.factored import (
     replace_with_factored,
     resolve_module_name,
 )
+from compressor.formats.safetensors_header import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    TensorHeader,
+    read_folder_headers,
+    safetensors_weight_files,
+)
 from compressor.formats.writer import releasing_writer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-SAFE_WEIGHTS_NAME = "model.safetensors"
-SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 PROBLEMS_SHOWN = 8
 # Keys of quantization_config that the format owns; caller metadata may not set them.
 _RESERVED_KEYS = frozenset({"quant_method", "format_version", "ranks"})
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
-
-
-@dataclass(frozen=True)
-class TensorHeader:
-    file: str  # name of the safetensors file in the folder
-    shape: tuple[int, ...]
-    dtype: str  # safetensors' code: F32, BF16, ...
 
 
 @dataclass(frozen=True)
@@ -77,18 +75,24 @@ def loading_problems(info: dict | None) -> "_Problems":
     """What ``from_pretrained(..., output_loading_info=True)`` reported missing, unexpected or mismatched."""
     problems = _Problems()
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        keys = sorted(str(k) for k in (info or {}).get(kind) or ())
+        keys = sorted(_key_text(k) for k in (info or {}).get(kind) or ())
         if keys:
             problems.append(f"{kind.replace('_', ' ')}: {first_few(keys)}")
     return problems
 
 
+def _key_text(key: object) -> str:
+    """A key of the loading report; a mismatched one is (name, checkpoint shape, model shape)."""
+    if isinstance(key, tuple) and len(key) == 3:
+        name, found, needed = key
+        return f"{name} is {list(found)}, the model needs {list(needed)}"
+    return str(key)
+
+
 class _Problems(list):
     def raise_if_any(self, what: str) -> None:
         if self:
-            shown = "; ".join(self[:PROBLEMS_SHOWN])
-            more = f"; and {len(self) - PROBLEMS_SHOWN} more" if len(self) > PROBLEMS_SHOWN else ""
-            raise InvalidInputError(f"{what}: {shown}{more}")
+            raise InvalidInputError(problems_message(what, self, PROBLEMS_SHOWN))
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,64 +125,15 @@ def read_quantization_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     return qconfig
 
 
-def _weight_map(folder: Path) -> dict[str, str] | None:
-    """The index's tensor → file map (None for a single-file checkpoint), its file names checked.
-
-    A single ``model.safetensors`` wins over an index beside it, as in transformers' loading: the
-    files checked are the files that load."""
-    index = folder / SAFE_WEIGHTS_INDEX_NAME
-    if (folder / SAFE_WEIGHTS_NAME).is_file():
-        return None
-    if not index.is_file():
-        raise InvalidInputError(f"{folder} has no safetensors weights ({SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME})")
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise InvalidInputError(f"cannot read {index}: {first_line(e)}") from e
-    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-        raise InvalidInputError(f"{index}: weight_map must map tensor names to file names")
-    for name in set(weight_map.values()):
-        if Path(name).name != name or not name.endswith(".safetensors"):
-            raise InvalidInputError(f"{index} names {name!r}, which is not a safetensors file in the folder")
-    return weight_map
-
-
 def _read_tensor_headers(folder: Path, problems: list[str]) -> dict[str, TensorHeader]:
-    """Every tensor of the folder's safetensors files, from their headers alone. Problems (an
-    unreadable file, one not tagged ``format: pt``, a tensor in two files, an index that does not
-    match its shards) are appended to ``problems``."""
-    from safetensors import SafetensorError, safe_open
-
-    weight_map = _weight_map(folder)
-    names = sorted(set(weight_map.values())) if weight_map is not None else [SAFE_WEIGHTS_NAME]
-    tensors: dict[str, TensorHeader] = {}
-    for name in names:
-        path = folder / name
-        if not path.is_file():
-            problems.append(f"{name}, named by the index, is missing")
-            continue
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                if (f.metadata() or {}).get("format") != "pt":
-                    problems.append(f"{name} lacks the safetensors metadata format=pt")
-                for key in f.keys():
-                    piece = f.get_slice(key)
-                    if key in tensors:
-                        problems.append(f"{key} is in both {tensors[key].file} and {name}")
-                    tensors[key] = TensorHeader(name, tuple(piece.get_shape()), piece.get_dtype())
-        except (OSError, SafetensorError, ValueError, RuntimeError) as e:
-            problems.append(f"cannot read {name}: {first_line(e)}")
-    if weight_map is not None:
-        for key, name in sorted(weight_map.items()):
-            held = tensors.get(key)
-            if held is None:
-                problems.append(f"the index puts {key} in {name}, which does not hold it")
-            elif held.file != name:
-                problems.append(f"the index puts {key} in {name}, but {held.file} holds it")
-        unlisted = sorted(set(tensors) - set(weight_map))
-        if unlisted:
-            problems.append(f"the index does not list {first_few(unlisted, 3)}")
-    return tensors
+    """Every tensor of the folder's safetensors files, from their checked headers
+    (:func:`~compressor.formats.safetensors_header.read_folder_headers`); a factored checkpoint's
+    files must also carry the metadata ``format: pt``. Problems are appended to ``problems``."""
+    found = safetensors_weight_files(folder)
+    if found is None:
+        raise InvalidInputError(f"{folder} has no safetensors weights ({SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME})")
+    files, weight_map = found
+    return read_folder_headers(folder, files, weight_map, problems, require_pt_format=True)
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,14 @@ from torch import nn
 from compressor.architecture import model_class
 from compressor.errors import InvalidInputError, NumericalError, OutOfResourcesError, first_few, first_line
 from compressor.formats.atomic import atomic_dir
-from compressor.formats.checkpoint import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, _load_tokenizer, _Problems, _weight_map, loading_problems
+from compressor.formats.checkpoint import _load_tokenizer, _Problems, loading_problems
+from compressor.formats.safetensors_header import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    TensorHeader,
+    read_folder_headers,
+    safetensors_weight_files,
+)
 from compressor.formats.gptq_packing import (
     BITS,
     TENSOR_SUFFIXES,
@@ -231,13 +238,6 @@ def read_gptq_config(path: str | os.PathLike[str]) -> GptqConfig:
 
 
 @dataclass(frozen=True)
-class _Header:
-    file: str
-    shape: tuple[int, ...]
-    dtype: str
-
-
-@dataclass(frozen=True)
 class GptqModule:
     """A quantized layer of a checkpoint, checked against the model: where and how to dequantize it."""
 
@@ -261,40 +261,20 @@ class GptqFolder:
     model_class: type
 
 
-def _weight_files(folder: Path) -> list[str]:
-    """The safetensors files that hold the weights: model.safetensors, the shards its index names,
-    or the folder's one safetensors file of another name (auto-gptq's ``gptq_model-4bit-128g``)."""
-    if (folder / SAFE_WEIGHTS_NAME).is_file() or (folder / SAFE_WEIGHTS_INDEX_NAME).is_file():
-        weight_map = _weight_map(folder)
-        return [SAFE_WEIGHTS_NAME] if weight_map is None else sorted(set(weight_map.values()))
-    found = sorted(p.name for p in folder.glob("*.safetensors"))
-    if len(found) != 1:
+def _weight_files(folder: Path) -> tuple[list[str], dict[str, str] | None]:
+    """The safetensors files that hold the weights, and the index's map: model.safetensors, the
+    shards its index names, or the folder's one safetensors file of another name (auto-gptq's
+    ``gptq_model-4bit-128g``)."""
+    found = safetensors_weight_files(folder)
+    if found is not None:
+        return found
+    others = sorted(p.name for p in folder.glob("*.safetensors"))
+    if len(others) != 1:
         raise InvalidInputError(
             f"{folder} has no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}"
-            + (f", and several other safetensors files ({first_few(found, 3)})" if found else "")
+            + (f", and several other safetensors files ({first_few(others, 3)})" if others else "")
         )
-    return found
-
-
-def _read_headers(folder: Path, files: list[str], problems: list[str]) -> dict[str, _Header]:
-    from safetensors import SafetensorError, safe_open
-
-    headers: dict[str, _Header] = {}
-    for name in files:
-        path = folder / name
-        if not path.is_file():
-            problems.append(f"{name}, named by the index, is missing")
-            continue
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    piece = f.get_slice(key)
-                    if key in headers:
-                        problems.append(f"{key} is in both {headers[key].file} and {name}")
-                    headers[key] = _Header(name, tuple(piece.get_shape()), piece.get_dtype())
-        except (OSError, SafetensorError, ValueError, RuntimeError) as e:
-            problems.append(f"cannot read {name}: {first_line(e)}")
-    return headers
+    return others, None
 
 
 def _model_config(folder: Path) -> Any:
@@ -331,7 +311,7 @@ def _geometry(module: nn.Module) -> tuple[int, int, bool] | None:
 
 
 def _check_module(
-    prefix: str, geometry: tuple[int, int, bool], config: GptqConfig, headers: Mapping[str, _Header], problems: list[str]
+    prefix: str, geometry: tuple[int, int, bool], config: GptqConfig, headers: Mapping[str, TensorHeader], problems: list[str]
 ) -> GptqModule | None:
     out_features, in_features, transposed = geometry
     bits, group_size = config.for_module(prefix)
@@ -383,8 +363,8 @@ def validate_gptq_folder(path: str | os.PathLike[str]) -> GptqFolder:
     folder = Path(path)
     config = read_gptq_config(folder)
     problems = _Problems()
-    files = _weight_files(folder)
-    headers = _read_headers(folder, files, problems)
+    files, weight_map = _weight_files(folder)
+    headers = read_folder_headers(folder, files, weight_map, problems)
     model_config = _model_config(folder)
     cls, skeleton = _skeleton(folder, model_config)
     named = dict(skeleton.named_modules())
