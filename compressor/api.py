@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import logging
 import importlib
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,6 +43,27 @@ def _loaded(model: LoadedModel | str, dtype: torch.dtype = torch.float32) -> Loa
     for _ in track([model], description=f"loading {model}"):
         loaded = loading.load_model(model, dtype)
     return loaded
+
+
+def _input_paths(model: LoadedModel | str | Path) -> list[Path]:
+    """The files and folders a MODEL spec (or a loaded model) is read from, as far as they can be
+    told before it loads: a local folder or file; nothing for an alias or a hub id."""
+    if isinstance(model, LoadedModel):
+        source = Path(model.source)
+        return [p for p in (model.folder, source if source.is_absolute() and source.exists() else None) if p is not None]
+    if str(model) in loading.ALIASES:
+        return []
+    path = Path(model).expanduser()
+    return [path] if path.exists() else []
+
+
+def _destination(output: str | Path, overwrite: bool, *inputs: LoadedModel | str | Path) -> Path:
+    """``output`` checked before anything loads: not one of the inputs nor inside or around one
+    (writing it would replace what is read), and not a folder that may not be replaced."""
+    from compressor.formats.atomic import check_destination, refuse_overlap
+
+    refuse_overlap(output, [p for model in inputs for p in _input_paths(model)])
+    return check_destination(output, overwrite)
 
 
 def targets_of(
@@ -211,12 +231,12 @@ def factorize(
     reload ``output`` instead (``compressor.load``) where that disk space matters.
     """
     from compressor.factorize import factorize_model
-    from compressor.formats.atomic import check_destination
+    from compressor.formats.atomic import scratch_dir
     from compressor.residency import Spill
 
     start = time.perf_counter()
     calibration = _calibration_options(calibration)
-    dest = None if output is None else check_destination(output, overwrite)
+    dest = None if output is None else _destination(output, overwrite, model)
     loaded = _loaded(model, dtype)
     targets = targets_of(loaded, include, exclude)
     calibration_set = None
@@ -224,8 +244,7 @@ def factorize(
         calibration_set = _windows(loaded, calibration or CalibrationOptions(), options.calib_dtype)
     spill_folder: contextlib.AbstractContextManager = contextlib.nullcontext(None)
     if dest is not None:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        spill_folder = tempfile.TemporaryDirectory(prefix=f".{dest.name}.spill-", dir=dest.parent, ignore_cleanup_errors=True)
+        spill_folder = scratch_dir(dest, "spill")
     with spill_folder as spill:
         with _tokenizer_parked(loaded, Path(spill) if spill else None):
             outcome = factorize_model(
@@ -327,11 +346,10 @@ def compensate(
     """
     from compressor.compensate import check_targets, compensate_model, matching_originals
     from compressor.formats.adapter import save_adapter
-    from compressor.formats.atomic import check_destination
 
     start = time.perf_counter()
     calibration = _calibration_options(calibration)
-    dest = None if output is None else check_destination(output, overwrite)
+    dest = None if output is None else _destination(output, overwrite, original, compressed)
     small = _loaded(compressed, dtype)
     targets = targets_of(small, include, exclude, factored=True)
     check_targets(options, targets)
@@ -414,11 +432,9 @@ def quantize(
     weights, exactly what the checkpoint decodes to. ``gptq`` runs GPTQModel on ``calibration``
     (the default ``self``, 64 windows of 512, when None) and leaves the model as it was.
     """
-    from compressor.formats.atomic import check_destination
-
     start = time.perf_counter()
     calibration = _calibration_options(calibration)
-    dest = check_destination(output, overwrite)
+    dest = _destination(output, overwrite, model)
     backend = _gptqmodel_backend(options) if options.method == "gptq" else None
     loaded = _loaded(model, dtype)
     info = None
@@ -518,17 +534,17 @@ def verify(
     if against is not None:
         reference = _loaded(against)
         ids = tokenize_text(reference.tokenizer, text)
-        result.comparison = compare(model, reference.model, ids, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size)
+        result.comparison, _ = compare(model, reference.model, ids, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size)
     return result
 
 
 def export_dense(path: str | Path, output: str | Path, *, overwrite: bool = False) -> Path:
     """Merge every B·A back into a plain weight; write a checkpoint any tool loads."""
-    from compressor.formats.atomic import atomic_dir, check_destination
+    from compressor.formats.atomic import atomic_dir
     from compressor.formats.checkpoint import load_factored
     from compressor.formats.factored import export_dense as merge
 
-    check_destination(output, overwrite)  # before the load; atomic_dir checks again before its rename
+    _destination(output, overwrite, path)  # before the load; atomic_dir checks again before its rename
     model, tokenizer = load_factored(path)
     merge(model)
     with atomic_dir(output, overwrite=overwrite) as tmp:
@@ -536,3 +552,132 @@ def export_dense(path: str | Path, output: str | Path, *, overwrite: bool = Fals
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(output)
+
+
+@dataclass
+class CheckResult:
+    comparison: Comparison | None  # None for a run that only made a baseline
+    checks: list  # of compressor.check.MetricCheck
+    original: str
+    compressed: str | None
+    adapter: str | None
+    data: str
+    baseline: str | None  # the baseline file read, when the original was not run
+    saved_baseline: str | None
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def failures(self) -> list:
+        return [c for c in self.checks if not c.passed]
+
+    def to_json(self) -> dict:
+        c = self.comparison
+        return {
+            "tool": f"compress {__version__}",
+            "original": self.original,
+            "compressed": self.compressed,
+            "adapter": self.adapter,
+            "data": self.data,
+            "baseline": self.baseline,
+            "saved_baseline": self.saved_baseline,
+            "seq_len": c.seq_len if c else None,
+            "windows": c.windows if c else None,
+            "tokens": c.tokens if c else None,
+            "kl_method": c.kl_method if c else None,
+            "passed": self.passed,
+            "failed": [m.name for m in self.failures],
+            "metrics": {m.name: m.to_dict() for m in self.checks},
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def check(
+    original: LoadedModel | str,
+    compressed: LoadedModel | str | None,
+    data: str | Path,
+    *,
+    adapter: str | Path | None = None,
+    thresholds=None,
+    seq_len: int = 512,
+    max_windows: int | None = None,
+    batch_size: int = 4,
+    dtype: torch.dtype = torch.float32,
+    baseline: str | Path | None = None,
+    save_baseline: str | Path | None = None,
+) -> CheckResult:
+    """Compare ``compressed`` (plus ``adapter``) with ``original`` on the windows of ``data``:
+    both perplexities, their ratio, the mean KL divergence, top-1 agreement, each against its
+    threshold (:class:`compressor.check.Thresholds`).
+
+    With ``baseline`` (a file an earlier run wrote with ``save_baseline``) the original is not
+    loaded: its predictions come from the file and the KL is estimated from them (within 0.6 %
+    of the exact value on SmolLM2). With ``compressed`` None, only ``save_baseline`` is written.
+    Everything given is read and checked before a model loads."""
+    from compressor.check import Thresholds, judge
+    from compressor.evaluate import compare
+    from compressor.formats.adapter import apply_adapter, read_adapter
+    from compressor.formats.baseline import baseline_json, read_baseline
+    from compressor.report import write_json
+
+    start = time.perf_counter()
+    thresholds = thresholds or Thresholds()
+    if compressed is None and save_baseline is None:
+        raise UsageError("give the COMPRESSED model to check, or --save-baseline to only record the original")
+    if compressed is None and adapter is not None:
+        raise UsageError("--adapter needs the COMPRESSED model it applies to")
+    if baseline is not None and save_baseline is not None:
+        raise UsageError("--baseline and --save-baseline together: the baseline is only saved from a run of the original")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    text = read_text(data)
+    stats = None
+    if baseline is not None:
+        stats, meta = read_baseline(baseline)
+        if meta.get("model") and isinstance(original, str) and meta["model"] != _source_name(original):
+            log.warning("the baseline was made from %s, not %s", meta["model"], original)
+    terms = None if adapter is None else read_adapter(adapter)
+    small = None if compressed is None else _loaded(compressed, dtype)
+    if small is not None and not small.is_causal_lm:
+        raise InvalidInputError(f"{small.source} is not a causal language model; check needs one")
+    if terms is not None:
+        apply_adapter(small.model, terms)
+    big = None
+    if stats is None:
+        big = _loaded(original, dtype)
+        if not big.is_causal_lm:
+            raise InvalidInputError(f"{big.source} is not a causal language model; check needs one")
+    for loaded in (big, small):
+        if loaded is not None:
+            loaded.check_seq_len(seq_len)
+    tokenizer = (big or small).tokenizer
+    if tokenizer is None:
+        raise InvalidInputError(f"{(big or small).source} has no tokenizer to read {data} with")
+    ids = tokenize_text(tokenizer, text)
+    comparison, recorded = compare(
+        None if small is None else small.model, None if big is None else big.model, ids,
+        seq_len=seq_len, max_windows=max_windows, batch_size=batch_size, baseline=stats,
+        record=save_baseline is not None,
+    )
+    original_name = big.source if big is not None else _source_name(original)
+    if recorded is not None:
+        meta = {"tool": f"compress {__version__}", "model": original_name, "data": str(data), "dtype": str(dtype).removeprefix("torch.")}
+        write_json(save_baseline, baseline_json(recorded, meta))
+    checks = [] if comparison is None else judge(comparison, thresholds)
+    return CheckResult(
+        comparison, checks, original_name, None if small is None else small.source,
+        None if adapter is None else str(adapter), str(data),
+        None if baseline is None else str(baseline), None if save_baseline is None else str(save_baseline),
+        time.perf_counter() - start,
+    )
+
+
+def _source_name(spec: LoadedModel | str) -> str:
+    """What loading ``spec`` would record as its source, without loading it."""
+    if isinstance(spec, LoadedModel):
+        return spec.source
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec

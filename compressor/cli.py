@@ -113,6 +113,7 @@ def _running() -> Iterator[None]:
     """What every command runs in: libraries set up for a run, and the library's progress reports
     shown as rich bars on stderr. Commands enter it in their bodies, so that ``--help`` and bad
     flags answer without importing torch or transformers."""
+    from compressor.loading import allowing_pickle
     from compressor.residency import bound_kernel_caches
 
     bound_kernel_caches()  # before the process's first bfloat16 product
@@ -121,7 +122,13 @@ def _running() -> Iterator[None]:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=err, show_path=False)])
-    with RichProgressSink(err) as sink, reporting_to(sink):
+    # huggingface_hub's logger has a stream handler of its own and also propagates to the root
+    # logger's: without this, each of its warnings would be printed twice.
+    hub_logger = logging.getLogger("huggingface_hub")
+    for handler in list(hub_logger.handlers):
+        hub_logger.removeHandler(handler)
+    pickle = allowing_pickle() if _state.get("allow_pickle") else contextlib.nullcontext()
+    with pickle, RichProgressSink(err) as sink, reporting_to(sink):
         yield
 
 
@@ -143,9 +150,18 @@ def _main(
     version: Annotated[
         bool, typer.Option("--version", help="Print the version and exit.", callback=_print_version, is_eager=True)
     ] = False,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--allow-pickle",
+            help="Load pickle weights (pytorch_model.bin) from folders without safetensors; unpickling can run "
+            "code, so only for files you trust (loaded with torch's weights_only=True).",
+        ),
+    ] = False,
 ) -> None:
     if debug:
         _state["debug"] = True
+    _state["allow_pickle"] = allow_pickle  # every run says anew (run() may be called again in one process)
 
 
 @app.command("eval")
@@ -414,6 +430,75 @@ def quantize_command(
         write_json(json_path, result.to_json())
 
 
+@app.command("check")
+def check_command(
+    original: Annotated[str, typer.Argument(metavar="ORIGINAL", help="The uncompressed MODEL.", show_default=False)],
+    compressed: Annotated[
+        Optional[str],
+        typer.Argument(
+            metavar="[COMPRESSED]",
+            help="The compressed MODEL (GPTQ, factored, pruned...); omit it with --save-baseline to only record the original.",
+            show_default=False,
+        ),
+    ] = None,
+    data: Annotated[Path, typer.Option("--data", help="A text file, read whole and cut into windows as by eval.")] = ...,
+    adapter: Annotated[
+        Optional[Path], typer.Option("--adapter", help="A PEFT LoRA adapter folder (e.g. from compress compensate) applied to COMPRESSED.")
+    ] = None,
+    max_windows: Annotated[Optional[int], typer.Option("--max-windows", min=1, help="Compare on the first N windows only.")] = None,
+    seq_len: SeqLenOpt = 512,
+    max_ppl_ratio: Annotated[
+        Optional[float], typer.Option("--max-ppl-ratio", help="Fail when compressed perplexity / original perplexity exceeds X.")
+    ] = None,
+    max_kl: Annotated[
+        Optional[float], typer.Option("--max-kl", help="Fail when the mean KL(original ‖ compressed) per token exceeds X nats.")
+    ] = None,
+    min_top1: Annotated[
+        Optional[float], typer.Option("--min-top1", help="Fail when top-1 next-token agreement falls below X (0-1).")
+    ] = None,
+    baseline: Annotated[
+        Optional[Path],
+        typer.Option("--baseline", help="A baseline file from --save-baseline: the original's predictions, so it is not run again."),
+    ] = None,
+    save_baseline: Annotated[
+        Optional[Path], typer.Option("--save-baseline", help="Write the original's predictions here, for later --baseline runs.")
+    ] = None,
+    json_path: JsonOpt = None,
+    junit: Annotated[Optional[Path], typer.Option("--junit", help="Write JUnit XML here: one testcase per metric.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.")] = 4,
+    dtype: DtypeOpt = "float32",
+) -> None:
+    """Gate a compressed model in CI: exit 1 when a metric passes its threshold (perplexity ratio, KL, top-1)."""
+    from compressor.check import Thresholds
+    from compressor.errors import QualityCheckFailed
+
+    thresholds = Thresholds(max_ppl_ratio=max_ppl_ratio, max_kl=max_kl, min_top1=min_top1)
+    torch_dtype = _torch_dtype(dtype)
+    with _running():
+        from compressor import api
+        from compressor.report import check_table, write_json, write_junit
+
+        result = api.check(
+            original, compressed, data, adapter=adapter, thresholds=thresholds, seq_len=seq_len,
+            max_windows=max_windows, batch_size=batch_size, dtype=torch_dtype, baseline=baseline, save_baseline=save_baseline,
+        )
+    if result.comparison is None:
+        out.print(f"wrote the baseline of {result.original} to {result.saved_baseline}")
+        return
+    check_table(result, out)
+    if result.saved_baseline:
+        out.print(f"wrote the baseline of {result.original} to {result.saved_baseline}")
+    if json_path:
+        write_json(json_path, result.to_json())
+    if junit:
+        write_junit(junit, result)
+    if not result.passed:
+        failed = "; ".join(f"{m.name} {m.value:.4g} (threshold {m.rule})" for m in result.failures)
+        raise QualityCheckFailed(f"check failed: {failed}")
+    given = [m for m in result.checks if m.limit is not None]
+    out.print(f"check passed: {len(given)} threshold{'s' if len(given) != 1 else ''} held" if given else "no thresholds given: nothing to fail")
+
+
 @app.command("verify")
 def verify_command(
     path: Annotated[Path, typer.Argument(metavar="OUT", help="A factored checkpoint folder.", show_default=False)],
@@ -434,7 +519,7 @@ def verify_command(
     if result.comparison:
         c = result.comparison
         out.print(
-            f"perplexity {c.perplexity:.4f} (original {c.reference_perplexity:.4f}); "
+            f"perplexity {c.perplexity:.4f} (original {c.reference_perplexity:.4f}); KL divergence {c.kl:.4f} nats/token; "
             f"top-1 agreement {c.top1_agreement:.4f} over {c.tokens} tokens"
         )
     if json_path:

@@ -23,7 +23,7 @@ from torch import nn
 
 from compressor.architecture import has_lm_head, is_causal_architecture, model_class
 from compressor.errors import InvalidInputError, NumericalError, OutOfResourcesError, UsageError, first_few, first_line
-from compressor.formats.atomic import atomic_dir
+from compressor.formats.atomic import atomic_dir, raise_output_error
 from compressor.formats.safetensors_header import check_folder_headers, read_weight_map
 
 log = logging.getLogger(__name__)
@@ -239,11 +239,16 @@ def _from_pretrained(
             ignore_mismatched_sizes=True,  # reported in the loading info, and refused below with their names
             **kwargs,
         )
-        tokenizer = transformers.AutoTokenizer.from_pretrained(where, **kwargs)
     except MemoryError as e:
         raise OutOfResourcesError(f"out of memory while loading {where}") from e
     except _MALFORMED_INPUT_ERRORS as e:
         raise InvalidInputError(f"cannot load the model at {where}: {_why(e)}") from e
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(where, **kwargs)
+    except MemoryError as e:
+        raise OutOfResourcesError(f"out of memory while loading the tokenizer at {where}") from e
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions on a malformed vocabulary
+        raise InvalidInputError(f"cannot load the tokenizer at {where}: {_why(e)}") from e
     loading_problems(_ignoring_what_the_model_allows(model, info)).raise_if_any(
         f"the weights at {where} do not match the model its config.json describes"
     )
@@ -566,4 +571,4 @@ def convert_gguf(path: Path, out: Path) -> None:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
     except OSError as e:
-        raise OutOfResourcesError(f"cannot write the GGUF cache at {out}: {e}") from e
+        raise_output_error(e, out)

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -36,7 +35,7 @@ from torch import nn
 from compressor import __version__
 from compressor.calibration.sources import CalibrationSet
 from compressor.errors import InvalidInputError, OutOfResourcesError, UsageError, first_few, first_line
-from compressor.formats.atomic import atomic_dir, check_destination
+from compressor.formats.atomic import atomic_dir, check_destination, raise_output_error, scratch_dir
 from compressor.loading import LoadedModel
 from compressor.precision import resolve_calib_dtype
 from compressor.progress import track
@@ -88,9 +87,8 @@ def quantize_with_gptqmodel(
             "a partial last group, which GPTQModel and transformers read and vLLM refuses",
             options.group_size, len(uneven), first_few(uneven, 3),
         )
-    dest.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=f".{dest.name}.gptq-", dir=dest.parent, ignore_cleanup_errors=True) as scratch:
+    with scratch_dir(dest, "gptq") as scratch:
         folder = source if source is not None else _saved_copy(loaded, Path(scratch) / "source")
         qconfig = gptqmodel.QuantizeConfig(
             bits=options.bits,
@@ -254,7 +252,7 @@ def _saved_copy(loaded: LoadedModel, folder: Path) -> Path:
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(folder)
     except OSError as e:
-        raise OutOfResourcesError(f"cannot save {loaded.source} for GPTQModel to read at {folder}: {e}") from e
+        raise_output_error(e, folder)
     return folder
 
 
@@ -297,7 +295,7 @@ def _save(model, tokenizer, dest: Path, overwrite: bool) -> None:
                 tokenizer.save_pretrained(tmp)
             _check_written(tmp)
     except OSError as e:
-        raise OutOfResourcesError(f"cannot write the GPTQ checkpoint at {dest}: {e}") from e
+        raise_output_error(e, dest)
 
 
 def _check_written(folder: Path) -> None:

@@ -12,25 +12,40 @@ from rich.console import Console
 from rich.table import Table
 
 from compressor.analysis import Analysis
-from compressor.errors import OutOfResourcesError
+from compressor.formats.atomic import raise_output_error
+
 
 
 def write_json(path: str | Path, data: dict) -> None:
-    """Write JSON atomically: a temporary file in the same folder, then a rename."""
+    """Write JSON atomically (:func:`write_text_atomically`)."""
+    write_text_atomically(path, json.dumps(data, indent=2) + "\n")  # what is not JSON fails before any file
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """A temporary file in the same folder, then a rename. Readers see the old file or the new
+    one, never part of one; the temporary file is gone on any error or interrupt (and, left by a
+    killed run, removed by the next write of ``path``). A full disk is OutOfResourcesError, a
+    path that cannot be written UsageError (:func:`compressor.formats.atomic.output_error`)."""
+    from compressor.formats.atomic import remove_stale, scratch_prefix
+
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        remove_stale(path)
+        fd, tmp = tempfile.mkstemp(prefix=scratch_prefix(path, "partial"), dir=path.parent)
         try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=2)
-                f.write("\n")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                if hasattr(os, "fchmod"):  # the mode a plain open gives, not mkstemp's 0600
+                    umask = os.umask(0o022)
+                    os.umask(umask)
+                    os.fchmod(f.fileno(), 0o666 & ~umask)
+                f.write(text)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     except OSError as e:
-        raise OutOfResourcesError(f"cannot write {path}: {e}") from e
+        raise_output_error(e, path)
 
 
 def analysis_table(analysis: Analysis, console: Console) -> None:
@@ -81,7 +96,7 @@ def analysis_plots(analysis: Analysis, folder: str | Path) -> list[Path]:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutOfResourcesError(f"cannot create {folder}: {e}") from e
+        raise_output_error(e, folder)
     written = []
     kinds = [("plain", lambda m: m.plain)]
     if analysis.modules[0].whitened is not None:
@@ -170,3 +185,40 @@ def factorize_summary(result, console: Console) -> None:
     )
     where = f"wrote {result.output} ({_size(result.file_bytes)})" if result.output else "dry run: nothing written"
     console.print(f"{where} in {result.seconds:.1f} s")
+
+
+def check_table(result, console: Console) -> None:
+    """The metrics of a ``compress check`` run, each with its threshold and verdict."""
+    c = result.comparison
+    table = Table(title=f"compress check: {c.windows} windows × {c.seq_len} tokens ({c.tokens} predicted)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("threshold", justify="right")
+    table.add_column("result")
+    for m in result.checks:
+        verdict = "" if m.limit is None else ("[green]pass[/]" if m.passed else "[bold red]FAIL[/]")
+        table.add_row(m.label, f"{m.value:.4f}", m.rule, verdict)
+    console.print(table)
+
+
+def write_junit(path: str | Path, result) -> None:
+    """JUnit XML of a ``compress check`` run: one testcase per metric, a failure where a
+    threshold does not hold, written atomically."""
+    from xml.etree import ElementTree as ET
+
+    suite = ET.Element(
+        "testsuite", name="compress check", tests=str(len(result.checks)),
+        failures=str(len(result.failures)), errors="0", skipped="0", time=f"{result.seconds:.3f}",
+    )
+    properties = ET.SubElement(suite, "properties")
+    for key in ("original", "compressed", "adapter", "data", "baseline"):
+        value = getattr(result, key)
+        if value is not None:
+            ET.SubElement(properties, "property", name=key, value=str(value))
+    for m in result.checks:
+        case = ET.SubElement(suite, "testcase", classname="compress.check", name=m.name, time="0")
+        ET.SubElement(case, "system-out").text = f"{m.label} = {m.value:.6g}" + (f" (threshold {m.rule})" if m.rule else "")
+        if not m.passed:
+            ET.SubElement(case, "failure", message=f"{m.name} = {m.value:.6g}, threshold {m.rule}", type="threshold")
+    ET.indent(suite)
+    write_text_atomically(path, ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n")

@@ -15,7 +15,7 @@ from compressor import api, cli, evaluate
 from compressor.calibration.sources import tokenize_text
 from compressor.check import MetricCheck, Thresholds, judge
 from compressor.errors import InvalidInputError, UsageError
-from compressor.evaluate import ReferenceStats, compare, eval_windows
+from compressor.evaluate import compare, eval_windows
 from compressor.formats.baseline import baseline_json, read_baseline
 
 from conftest import _save, build_model

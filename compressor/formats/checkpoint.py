@@ -25,7 +25,7 @@ import torch
 
 from compressor.architecture import model_class
 from compressor.errors import InvalidInputError, OutOfResourcesError, first_few, first_line, problems_message
-from compressor.formats.atomic import atomic_dir
+from compressor.formats.atomic import atomic_dir, raise_output_error
 from compressor.formats.factored import (
     QUANT_METHOD,
     LowRankConfig,
@@ -364,7 +364,7 @@ def save_factored(
             except InvalidInputError as e:
                 raise RuntimeError(f"the factored checkpoint just written does not validate: {e}") from e
     except OSError as e:
-        raise OutOfResourcesError(f"cannot write the factored checkpoint at {out}: {e}") from e
+        raise_output_error(e, out)
     return out
 
 

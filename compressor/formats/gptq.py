@@ -46,7 +46,7 @@ from torch import nn
 
 from compressor.architecture import model_class
 from compressor.errors import InvalidInputError, NumericalError, OutOfResourcesError, first_few, first_line
-from compressor.formats.atomic import atomic_dir
+from compressor.formats.atomic import atomic_dir, raise_output_error
 from compressor.formats.checkpoint import _load_tokenizer, _Problems, loading_problems
 from compressor.formats.safetensors_header import (
     SAFE_WEIGHTS_INDEX_NAME,
@@ -566,5 +566,5 @@ def save_gptq(
             except InvalidInputError as e:
                 raise RuntimeError(f"the GPTQ checkpoint just written does not validate: {e}") from e
     except OSError as e:
-        raise OutOfResourcesError(f"cannot write the GPTQ checkpoint at {out}: {e}") from e
+        raise_output_error(e, out)
     return out
