@@ -213,8 +213,8 @@ def _refuse_oversized(config, auto: type, where: str | Path, held: tuple[int, in
     build = getattr(auto, "from_config", None) or auto._from_config
     with torch.device("meta"):
         skeleton = build(config)
-    needed = sum(p.numel() for p in skeleton.parameters())
-    if needed > 2 * values + (1 << 20):
+    needed = sum(p.numel() for p in skeleton.parameters())  # tied weights counted once, as the files hold them
+    if needed > 2 * values + (1 << 20):  # slack for what a model may leave out of its files; the strict check has the last word
         raise InvalidInputError(
             f"the config at {where} describes a model of {needed:,} parameters, but the weights hold only {values:,} values"
         )
