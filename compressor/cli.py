@@ -108,11 +108,18 @@ class RichProgressSink:
             self.progress.advance(task)
 
 
+# Warnings of dependencies that say nothing about the user's run: torchao (installed with the gptq
+# extra) on its CUDA-only libraries, torch on a deprecation inside torchao's import.
+_NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
 @contextlib.contextmanager
 def _running() -> Iterator[None]:
     """What every command runs in: libraries set up for a run, and the library's progress reports
     shown as rich bars on stderr. Commands enter it in their bodies, so that ``--help`` and bad
     flags answer without importing torch or transformers."""
+    for name in _NOISY_LOGGERS:  # before the imports that make them speak
+        logging.getLogger(name).setLevel(logging.ERROR)
     from compressor.loading import allowing_pickle
     from compressor.residency import bound_kernel_caches
 

@@ -38,6 +38,26 @@ _WORDS = (
 ).split()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_cli_state(monkeypatch):
+    """The CLI keeps --debug and --allow-pickle in a module-level dict once given: every test
+    starts without them."""
+    from compressor import cli
+
+    monkeypatch.setitem(cli._state, "debug", False)
+    monkeypatch.setitem(cli._state, "allow_pickle", False)
+    monkeypatch.delenv("COMPRESS_DEBUG", raising=False)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``compress ARGV…`` in-process: (exit code, stdout, stderr)."""
+    from compressor import cli
+
+    code = cli.run([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _offline_hub():
     """No test may reach the network: the Hugging Face hub runs in offline mode."""

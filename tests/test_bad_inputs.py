@@ -28,19 +28,7 @@ from compressor.formats.safetensors_header import (
     read_safetensors_header,
     read_weight_map,
 )
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cli_state(monkeypatch):
-    monkeypatch.setitem(cli._state, "debug", False)
-    monkeypatch.setitem(cli._state, "allow_pickle", False)
-    monkeypatch.delenv("COMPRESS_DEBUG", raising=False)
-
-
-def _run(capsys, *argv) -> tuple[int, str, str]:
-    code = cli.run([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from conftest import run_cli as _run
 
 
 def _refused(capsys, folder, *words: str, code: int = 3, command=("analyze",), extra=("--calib", "none")) -> str:

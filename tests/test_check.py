@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compressor import api, cli, evaluate
+from compressor import api, evaluate
 from compressor.calibration.sources import tokenize_text
 from compressor.check import MetricCheck, Thresholds, judge
 from compressor.errors import InvalidInputError, UsageError
@@ -19,19 +19,9 @@ from compressor.evaluate import compare, eval_windows
 from compressor.formats.baseline import baseline_json, read_baseline
 
 from conftest import _save, build_model
+from conftest import run_cli as _run
 
 SEQ = 16
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cli_state(monkeypatch):
-    monkeypatch.setitem(cli._state, "debug", False)
-
-
-def _run(capsys, *argv) -> tuple[int, str, str]:
-    code = cli.run([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def _damaged(scale: float, tmp_path_factory, tokenizer) -> tuple[torch.nn.Module, Path]:

@@ -12,22 +12,10 @@ import pytest
 import torch
 
 import compressor
-from compressor import api, cli
+from compressor import api
 from compressor.math import spectra
 from compressor.targets import select_targets
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cli_state(monkeypatch):
-    """--debug sticks in a module-level dict once given: every test starts without it."""
-    monkeypatch.setitem(cli._state, "debug", False)
-    monkeypatch.delenv("COMPRESS_DEBUG", raising=False)
-
-
-def _run(capsys, *argv) -> tuple[int, str, str]:
-    code = cli.run([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from conftest import run_cli as _run
 
 
 def _assert_one_error_line(err: str):

@@ -13,7 +13,6 @@ from compressor.cli import run
 from compressor.compensate import compensate_model, correction
 from compressor.errors import InvalidInputError, UsageError
 from compressor.formats.adapter import SERVING_RANKS, apply_adapter, read_adapter, save_adapter
-from compressor.loading import LoadedModel
 from compressor.options import CalibrationOptions, CompensateOptions
 from compressor.targets import select_targets
 

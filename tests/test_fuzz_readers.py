@@ -26,13 +26,6 @@ CASES_PER_READER = 60
 SEED = 20240601
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cli_state(monkeypatch):
-    monkeypatch.setitem(cli._state, "debug", False)
-    monkeypatch.setitem(cli._state, "allow_pickle", False)
-    monkeypatch.delenv("COMPRESS_DEBUG", raising=False)
-
-
 @pytest.fixture(scope="module")
 def fixtures(tiny_llama, tmp_path_factory) -> fuzzing.Fixtures:
     return fuzzing.build_fixtures(tmp_path_factory.mktemp("fuzz-fixtures"), tiny_llama.model, tiny_llama.tokenizer,

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import compressor
-from compressor import api, cli
+from compressor import api
 from compressor.errors import InvalidInputError, NumericalError, UsageError
 from compressor.formats.gptq import GptqConfig, load_gptq, save_gptq, validate_gptq_folder
 from compressor.formats.gptq_packing import BITS, pack_qzeros, unpack_qzeros
@@ -23,18 +23,7 @@ from compressor.options import CalibrationOptions, QuantizeOptions
 from compressor.quantize import quantize_rtn, rtn_quantize
 from compressor.targets import select_targets
 from conftest import _llama_config, build_model
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cli_state(monkeypatch):
-    monkeypatch.setitem(cli._state, "debug", False)
-    monkeypatch.delenv("COMPRESS_DEBUG", raising=False)
-
-
-def _run(capsys, *argv) -> tuple[int, str, str]:
-    code = cli.run([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from conftest import run_cli as _run
 
 
 # ---------------------------------------------------------------- the rounding
