@@ -245,3 +245,24 @@ def test_smollm2_gate_fails_2_bit_and_passes_8_bit(capsys, smollm2, wikitext_tes
     assert code == 1, err
     for name, failures in (("w8.xml", "0"), ("w2.xml", "3")):
         assert ET.parse(tmp_path / name).getroot().get("failures") == failures
+
+
+def test_cli_applies_the_adapter_to_the_compressed_model(capsys, tiny_llama, text_file, tmp_path):
+    """The original against itself is a perfect match; with an adapter on the second copy it is not."""
+    from compressor.formats.adapter import LowRankTerm, save_adapter
+
+    generator = torch.Generator().manual_seed(3)
+    adapter = tmp_path / "adapter"
+    terms = {
+        f"model.layers.{i}.mlp.down_proj": LowRankTerm(torch.randn(64, 4, generator=generator), torch.randn(4, 128, generator=generator))
+        for i in range(2)
+    }
+    save_adapter(adapter, terms, base_model=str(tiny_llama.path))
+    results = {}
+    for name, extra in (("plain", ()), ("adapted", ("--adapter", adapter))):
+        report = tmp_path / f"{name}.json"
+        code, _, err = _run(capsys, "check", tiny_llama.path, tiny_llama.path, "--data", text_file, "--seq-len", SEQ, "--max-windows", 3, "--json", report, *extra)
+        assert code == 0, err
+        results[name] = json.loads(report.read_text())["metrics"]
+    assert results["plain"]["kl"]["value"] == pytest.approx(0.0, abs=1e-7)
+    assert results["adapted"]["kl"]["value"] > 1e-4
