@@ -17,6 +17,7 @@ import torch
 from compressor import __version__
 from compressor.analysis import Analysis, analyze_model, summarize
 from compressor.calibration.sources import CalibrationSet, load_calibration, read_text, tokenize_text
+from compressor.device import resolve_device
 from compressor.errors import InvalidInputError, UsageError
 from compressor.evaluate import PerplexityResult, perplexity
 from compressor import loading
@@ -37,12 +38,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _loaded(model: LoadedModel | str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    if isinstance(model, LoadedModel):
-        return model
-    for _ in track([model], description=f"loading {model}"):
-        loaded = loading.load_model(model, dtype)
-    return loaded
+def _loaded(model: LoadedModel | str, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> LoadedModel:
+    """``model`` loaded (unless it already is), on ``device`` when one is given."""
+    if not isinstance(model, LoadedModel):
+        for _ in track([model], description=f"loading {model}"):
+            model = loading.load_model(model, dtype)
+    if device is not None:
+        model.model.to(device)
+    return model
 
 
 def _input_paths(model: LoadedModel | str | Path) -> list[Path]:
@@ -83,16 +86,18 @@ def evaluate(
     max_windows: int | None = None,
     batch_size: int = 4,
     dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "auto",
     adapter: str | Path | None = None,
 ) -> PerplexityResult:
     """Perplexity of a causal LM on a text file by the project's protocol. ``model``: a loaded
     model, or a MODEL spec loaded in ``dtype`` once the text (and ``adapter``) have been read.
     ``adapter``: a PEFT LoRA folder added to the model first (a loaded model is changed in place)."""
+    device = resolve_device(device)  # checked before anything loads
     from compressor.formats.adapter import apply_adapter, read_adapter
 
     text = read_text(data)
     terms = None if adapter is None else read_adapter(adapter)
-    loaded = _loaded(model, dtype)
+    loaded = _loaded(model, dtype, device)
     if not loaded.is_causal_lm:
         raise InvalidInputError(f"{loaded.source} is not a causal language model; perplexity needs one")
     loaded.check_seq_len(seq_len)
@@ -158,16 +163,18 @@ def analyze(
     welore_target: float = 0.5,
     calib_dtype: str = "auto",
     dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "auto",
 ) -> AnalyzeResult:
     """Spectra of every target; with ``calibration``, also of the activation-whitened weights.
 
     ``model``: a loaded model, or a MODEL spec loaded in ``dtype`` once the options are checked.
     ``calib_dtype``: matmul dtype of the calibration passes (:func:`resolve_calib_dtype`)."""
+    device = resolve_device(device)  # checked before anything loads
     check_target(welore_target)
     check_calib_dtype(calib_dtype)
     calibration = _calibration_options(calibration)
     start = time.perf_counter()
-    loaded = _loaded(model, dtype)
+    loaded = _loaded(model, dtype, device)
     targets = targets_of(loaded, include, exclude)
     windows = None if calibration is None else _windows(loaded, calibration, calib_dtype)
     modules = analyze_model(loaded.model, targets, windows, resolve_calib_dtype(calib_dtype, loaded.model))
@@ -216,6 +223,7 @@ def factorize(
     output: str | Path | None = None,
     overwrite: bool = False,
     dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "auto",
 ) -> FactorizeResult:
     """Factor every target of ``model``; write the factored checkpoint to ``output`` unless None.
 
@@ -230,6 +238,7 @@ def factorize(
     not from the disk, until the model is freed), so a caller who keeps using the model should
     reload ``output`` instead (``compressor.load``) where that disk space matters.
     """
+    device = resolve_device(device)  # checked before anything loads
     from compressor.factorize import factorize_model
     from compressor.formats.atomic import scratch_dir
     from compressor.residency import Spill
@@ -237,7 +246,7 @@ def factorize(
     start = time.perf_counter()
     calibration = _calibration_options(calibration)
     dest = None if output is None else _destination(output, overwrite, model)
-    loaded = _loaded(model, dtype)
+    loaded = _loaded(model, dtype, device)
     targets = targets_of(loaded, include, exclude)
     calibration_set = None
     if options.needs_calibration:
@@ -336,6 +345,7 @@ def compensate(
     output: str | Path | None = None,
     overwrite: bool = False,
     dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "auto",
 ) -> CompensateResult:
     """EoRA-style corrections that bring ``compressed`` back toward ``original``, written to
     ``output`` as a PEFT LoRA adapter for ``compressed`` (unless None).
@@ -344,16 +354,17 @@ def compensate(
     original loads or any calibration runs. Calibration windows come from the original model's
     tokenizer (and, for ``self``, its generations); the default is ``self`` with 64 windows of 512.
     """
+    device = resolve_device(device)  # checked before anything loads
     from compressor.compensate import check_targets, compensate_model, matching_originals
     from compressor.formats.adapter import save_adapter
 
     start = time.perf_counter()
     calibration = _calibration_options(calibration)
     dest = None if output is None else _destination(output, overwrite, original, compressed)
-    small = _loaded(compressed, dtype)
+    small = _loaded(compressed, dtype, device)
     targets = targets_of(small, include, exclude, factored=True)
     check_targets(options, targets)
-    big = _loaded(original, dtype)
+    big = _loaded(original, dtype, device)
     matching_originals(big.model, targets)  # before calibration, which may generate text for minutes
     windows = None
     if options.needs_calibration:
@@ -422,6 +433,7 @@ def quantize(
     output: str | Path,
     overwrite: bool = False,
     dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "auto",
 ) -> QuantizeResult:
     """Quantize the linear layers of the blocks to ``options.bits`` and write a GPTQ checkpoint
     (``checkpoint_format`` "gptq", v1) to ``output``.
@@ -432,11 +444,12 @@ def quantize(
     weights, exactly what the checkpoint decodes to. ``gptq`` runs GPTQModel on ``calibration``
     (the default ``self``, 64 windows of 512, when None) and leaves the model as it was.
     """
+    device = resolve_device(device)  # checked before anything loads
     start = time.perf_counter()
     calibration = _calibration_options(calibration)
     dest = _destination(output, overwrite, model)
     backend = _gptqmodel_backend(options) if options.method == "gptq" else None
-    loaded = _loaded(model, dtype)
+    loaded = _loaded(model, dtype, device)
     info = None
     if backend is not None:
         from compressor.formats.gptq import validate_gptq_folder
@@ -503,6 +516,7 @@ def verify(
     seq_len: int = 512,
     max_windows: int | None = 8,
     batch_size: int = 4,
+    device: str | torch.device = "auto",
 ) -> VerifyResult:
     """Check a factored checkpoint: tensors present and finite, shapes as recorded, loads.
 
@@ -516,6 +530,7 @@ def verify(
 
     if against is not None and data is None:
         raise UsageError("--against needs --data to compare on")
+    device = resolve_device(device)
     text = None if data is None else read_text(data)
     folder = validate_factored_folder(path)  # names, shapes and ranks, from the headers
     for file in track(folder.files, description="checking tensors"):  # values: finite
@@ -532,7 +547,8 @@ def verify(
     model, tokenizer = load_factored(folder)
     result = VerifyResult(folder.path, folder.ranks, len(folder.tensors))
     if against is not None:
-        reference = _loaded(against)
+        model.to(device)
+        reference = _loaded(against, device=device)
         ids = tokenize_text(reference.tokenizer, text)
         result.comparison, _ = compare(model, reference.model, ids, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size)
     return result
@@ -606,6 +622,7 @@ def check(
     max_windows: int | None = None,
     batch_size: int = 4,
     dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "auto",
     baseline: str | Path | None = None,
     save_baseline: str | Path | None = None,
 ) -> CheckResult:
@@ -617,6 +634,7 @@ def check(
     loaded: its predictions come from the file and the KL is estimated from them (within 0.6 %
     of the exact value on SmolLM2). With ``compressed`` None, only ``save_baseline`` is written.
     Everything given is read and checked before a model loads."""
+    device = resolve_device(device)  # checked before anything loads
     from compressor.check import Thresholds, judge
     from compressor.evaluate import compare
     from compressor.formats.adapter import apply_adapter, read_adapter
@@ -640,14 +658,14 @@ def check(
         if meta.get("model") and isinstance(original, str) and meta["model"] != _source_name(original):
             log.warning("the baseline was made from %s, not %s", meta["model"], original)
     terms = None if adapter is None else read_adapter(adapter)
-    small = None if compressed is None else _loaded(compressed, dtype)
+    small = None if compressed is None else _loaded(compressed, dtype, device)
     if small is not None and not small.is_causal_lm:
         raise InvalidInputError(f"{small.source} is not a causal language model; check needs one")
     if terms is not None:
         apply_adapter(small.model, terms)
     big = None
     if stats is None:
-        big = _loaded(original, dtype)
+        big = _loaded(original, dtype, device)
         if not big.is_causal_lm:
             raise InvalidInputError(f"{big.source} is not a causal language model; check needs one")
     for loaded in (big, small):

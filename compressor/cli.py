@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from compressor import __version__
 from compressor.errors import EXIT_INTERRUPTED, CompressError, OutOfResourcesError, UsageError
 from compressor.options import CalibrationOptions, CompensateOptions, FactorizeOptions
-from compressor.options import QuantizeOptions
+from compressor.options import DEVICE_HELP, QuantizeOptions
 from compressor.progress import reporting_to
 
 try:  # typer ≥ 0.20 vendors click; older releases use the click package
@@ -52,6 +52,7 @@ ModelArg = Annotated[
     ),
 ]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights dtype: float32, bfloat16 or float16.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help=f"Where the models and the computation run: {DEVICE_HELP}")]
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", min=2, help="Tokens per window.")]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON to this path.")]
 CalibOpt = Annotated[
@@ -180,6 +181,7 @@ def eval_command(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.")] = 4,
     json_path: JsonOpt = None,
     dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
     adapter: Annotated[
         Optional[Path], typer.Option("--adapter", help="A PEFT LoRA adapter folder (e.g. from compress compensate) to apply first.")
     ] = None,
@@ -190,7 +192,7 @@ def eval_command(
         from compressor.report import write_json
 
         result = api.evaluate(
-            model, data, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size, dtype=_torch_dtype(dtype), adapter=adapter
+            model, data, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size, dtype=_torch_dtype(dtype), adapter=adapter, device=device,
         )
     out.print(
         f"perplexity [bold]{result.perplexity:.4f}[/] on {data} "
@@ -223,6 +225,7 @@ def analyze_command(
     json_path: JsonOpt = None,
     plots: Annotated[Optional[Path], typer.Option("--plots", help="Write PNG plots into this folder.")] = None,
     dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
     calib_dtype: CalibDtypeOpt = FactorizeOptions.calib_dtype,
 ) -> None:
     """Singular-value spectra of every target layer, plain and activation-whitened, and predicted costs."""
@@ -233,7 +236,7 @@ def analyze_command(
 
         result = api.analyze(
             model, calibration, include=include, exclude=exclude, welore_target=welore_target,
-            calib_dtype=calib_dtype, dtype=_torch_dtype(dtype),
+            calib_dtype=calib_dtype, dtype=_torch_dtype(dtype), device=device,
         )
     analysis_table(result.analysis, out)
     info = result.calibration
@@ -282,6 +285,7 @@ def factorize_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
     json_path: JsonOpt = None,
     dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
     calib_dtype: CalibDtypeOpt = FactorizeOptions.calib_dtype,
 ) -> None:
     """Low-rank factorization W ≈ B·A of every target, ranks chosen to meet --target exactly."""
@@ -304,6 +308,7 @@ def factorize_command(
             output=None if dry_run else output,
             overwrite=overwrite,
             dtype=_torch_dtype(dtype),
+            device=device,
         )
     factorize_summary(result, out)
     if json_path:
@@ -364,6 +369,7 @@ def compensate_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
     json_path: JsonOpt = None,
     dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
     calib_dtype: CalibDtypeOpt = CompensateOptions.calib_dtype,
 ) -> None:
     """Repair a compressed model: a rank-R correction per module from calibration data, as a PEFT LoRA adapter."""
@@ -378,7 +384,7 @@ def compensate_command(
 
         result = api.compensate(
             original, compressed, options, calibration, include=include, exclude=exclude,
-            output=output, overwrite=overwrite, dtype=_torch_dtype(dtype),
+            output=output, overwrite=overwrite, dtype=_torch_dtype(dtype), device=device,
         )
     o = result.outcome
     ranks = [m.rank for m in o.modules]
@@ -418,6 +424,7 @@ def quantize_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
     json_path: JsonOpt = None,
     dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
     calib_dtype: CalibDtypeOpt = QuantizeOptions.calib_dtype,
 ) -> None:
     """Integer weights in groups, written as a GPTQ checkpoint: round to nearest, or GPTQ (GPTQModel)."""
@@ -427,7 +434,7 @@ def quantize_command(
         from compressor import api
         from compressor.report import write_json
 
-        result = api.quantize(model, options, calibration, output=output, overwrite=overwrite, dtype=_torch_dtype(dtype))
+        result = api.quantize(model, options, calibration, output=output, overwrite=overwrite, dtype=_torch_dtype(dtype), device=device)
     grid = "sym" if options.sym else "asym"
     out.print(
         f"quantized [bold]{len(result.modules)}[/] layers to {options.bits} bits (group size {options.group_size}, "
@@ -474,6 +481,7 @@ def check_command(
     junit: Annotated[Optional[Path], typer.Option("--junit", help="Write JUnit XML here: one testcase per metric.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.")] = 4,
     dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
 ) -> None:
     """Gate a compressed model in CI: exit 1 when a metric passes its threshold (perplexity ratio, KL, top-1)."""
     from compressor.check import Thresholds
@@ -487,7 +495,7 @@ def check_command(
 
         result = api.check(
             original, compressed, data, adapter=adapter, thresholds=thresholds, seq_len=seq_len,
-            max_windows=max_windows, batch_size=batch_size, dtype=torch_dtype, baseline=baseline, save_baseline=save_baseline,
+            max_windows=max_windows, batch_size=batch_size, dtype=torch_dtype, baseline=baseline, save_baseline=save_baseline, device=device,
         )
     if result.comparison is None:
         out.print(f"wrote the baseline of {result.original} to {result.saved_baseline}")
@@ -515,13 +523,14 @@ def verify_command(
     max_windows: Annotated[int, typer.Option("--max-windows", min=1, help="Windows to compare on.")] = 8,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.")] = 4,
     json_path: JsonOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Check a factored checkpoint: every tensor present and finite, ranks as recorded, loads."""
     with _running():
         from compressor import api
         from compressor.report import write_json
 
-        result = api.verify(path, against=against, data=data, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size)
+        result = api.verify(path, against=against, data=data, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size, device=device)
     out.print(f"{path}: {result.tensors} tensors, {len(result.ranks)} factored modules, all finite; loads: ok")
     if result.comparison:
         c = result.comparison

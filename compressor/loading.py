@@ -265,9 +265,12 @@ def _ignoring_what_the_model_allows(model: nn.Module, info: dict) -> dict:
         return {k for k in keys or () if k not in also and not any(p.search(k) for p in compiled)}
 
     tied = frozenset(getattr(model, "all_tied_weights_keys", None) or {})
+    # A buffer the model makes itself (BERT's non-persistent position_ids, which transformers 5.0
+    # reports as unexpected where a checkpoint holds it): nothing is left uninitialised.
+    buffers = frozenset(name for name, _ in model.named_buffers())
     return {
         "missing_keys": drop(info.get("missing_keys"), getattr(model, "_keys_to_ignore_on_load_missing", None), tied),
-        "unexpected_keys": drop(info.get("unexpected_keys"), getattr(model, "_keys_to_ignore_on_load_unexpected", None)),
+        "unexpected_keys": drop(info.get("unexpected_keys"), getattr(model, "_keys_to_ignore_on_load_unexpected", None), buffers),
         "mismatched_keys": info.get("mismatched_keys") or (),
     }
 

@@ -17,6 +17,7 @@ from compressor.errors import InvalidInputError, UsageError
 METHODS = ("fisher", "whiten", "svd")
 ALLOCATIONS = ("global", "relative", "uniform", "welore")
 CALIB_DTYPES = ("auto", "float32", "bfloat16")
+DEVICE_HELP = "auto (the first CUDA device when there is one, else the CPU), cpu, cuda or cuda:N."
 # Windows of the output-Fisher backward pass: 16 gave 0.3-2.8 % lower perplexity on SmolLM2 for
 # ~12 s more (docs/factorize.md); 8 keeps the default run within its 60 s goal.
 SENSITIVITY_WINDOWS = 8

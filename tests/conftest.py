@@ -38,6 +38,16 @@ _WORDS = (
 ).split()
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip where torch sees no CUDA device (CI has none)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_cli_state(monkeypatch):
     """The CLI keeps --debug and --allow-pickle in a module-level dict once given: every test
