@@ -488,6 +488,8 @@ def check_command(
     from compressor.errors import QualityCheckFailed
 
     thresholds = Thresholds(max_ppl_ratio=max_ppl_ratio, max_kl=max_kl, min_top1=min_top1)
+    if compressed is None and (junit or thresholds != Thresholds()):
+        raise UsageError("thresholds and --junit need the COMPRESSED model to check")
     torch_dtype = _torch_dtype(dtype)
     with _running():
         from compressor import api
@@ -499,6 +501,8 @@ def check_command(
         )
     if result.comparison is None:
         out.print(f"wrote the baseline of {result.original} to {result.saved_baseline}")
+        if json_path:
+            write_json(json_path, result.to_json())
         return
     check_table(result, out)
     if result.saved_baseline:

@@ -210,8 +210,10 @@ def test_cli_passes_a_good_model_with_and_without_baseline(capsys, tiny_llama, s
 
 def test_cli_baseline_only_run(capsys, tiny_llama, text_file, tmp_path):
     base = tmp_path / "base.json"
-    code, out, err = _run(capsys, "check", tiny_llama.path, "--data", text_file, "--seq-len", SEQ, "--max-windows", 2, "--save-baseline", base)
+    report = tmp_path / "run.json"
+    code, out, err = _run(capsys, "check", tiny_llama.path, "--data", text_file, "--seq-len", SEQ, "--max-windows", 2, "--save-baseline", base, "--json", report)
     assert code == 0, err
+    assert json.loads(report.read_text())["saved_baseline"] == str(base)
     stats, meta = read_baseline(base)
     assert (stats.windows, stats.seq_len) == (2, SEQ) and meta["model"] == str(tiny_llama.path.resolve())
 
@@ -222,6 +224,8 @@ def test_cli_refuses_before_loading(capsys, text_file, tmp_path):
     assert code == 2 and "--min-top1" in err
     code, _, err = _run(capsys, "check", missing, "--data", text_file)
     assert code == 2 and "--save-baseline" in err
+    code, _, err = _run(capsys, "check", missing, "--data", text_file, "--save-baseline", tmp_path / "b.json", "--max-kl", 1)
+    assert code == 2 and "COMPRESSED" in err
     code, _, err = _run(capsys, "check", missing, missing, "--data", text_file, "--baseline", tmp_path / "nothing.json")
     assert code == 3 and "baseline" in err
 
