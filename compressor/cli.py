@@ -572,6 +572,8 @@ def run(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=argv, prog_name="compress", standalone_mode=False)
+        if rv == EXIT_INTERRUPTED:  # Typer's own answer to Ctrl-C, returned rather than raised
+            return _fail("interrupted", EXIT_INTERRUPTED)
         return rv if isinstance(rv, int) else 0
     except (typer.Exit, getattr(click_exceptions, "Exit", typer.Exit)) as e:
         return e.exit_code
