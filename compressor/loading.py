@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import importlib.util
-import json
 import logging
 import math
 import os
@@ -24,7 +23,7 @@ from torch import nn
 from compressor.architecture import has_lm_head, is_causal_architecture, model_class
 from compressor.errors import InvalidInputError, NumericalError, OutOfResourcesError, UsageError, first_few, first_line
 from compressor.formats.atomic import atomic_dir, raise_output_error
-from compressor.formats.safetensors_header import check_folder_headers, read_weight_map
+from compressor.formats.safetensors_header import check_folder_headers, read_json, read_weight_map
 
 log = logging.getLogger(__name__)
 
@@ -334,12 +333,7 @@ def _quant_method(folder: Path) -> str | None:
     """config.json's quantization method, after checking that the file is a JSON object whose
     ``model_type`` (when it has one) is one transformers knows."""
     path = folder / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise InvalidInputError(f"cannot read {path}: {e}") from e
-    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, too deeply nested, an integer of thousands of digits
-        raise InvalidInputError(f"cannot read {path}: {first_line(e)}") from e
+    config = read_json(path)
     if not isinstance(config, dict):
         raise InvalidInputError(f"{path} is a JSON {type(config).__name__}, not an object")
     architectures = config.get("architectures")

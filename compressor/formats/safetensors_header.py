@@ -219,18 +219,24 @@ def check_file_name(folder: Path, name: str, where: object) -> None:
             raise InvalidInputError(f"{where} names {name!r}, a symlink to {target}, outside {folder}")
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file's value; InvalidInputError naming ``path`` when it cannot be read or parsed
+    (not UTF-8, not JSON, nested too deeply, an integer of thousands of digits)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise InvalidInputError(f"cannot read {path}: {e.strerror or e}") from e
+    except (ValueError, RecursionError) as e:
+        raise InvalidInputError(f"cannot read {path}: {first_line(e)}") from e
+
+
 def read_weight_map(folder: str | os.PathLike[str], index_name: str = SAFE_WEIGHTS_INDEX_NAME) -> dict[str, str]:
     """The index's tensor → file map, checked: valid JSON whose ``weight_map`` maps strings to
     the names of files in the folder (:func:`check_file_name`) that exist. InvalidInputError
     otherwise, naming the index and the problem."""
     folder = Path(folder)
     index = folder / index_name
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise InvalidInputError(f"cannot read {index}: {e.strerror or e}") from e
-    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, too deeply nested, an integer of thousands of digits
-        raise InvalidInputError(f"cannot read {index}: {first_line(e)}") from e
+    data = read_json(index)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise InvalidInputError(f"{index}: weight_map must map tensor names to file names")
