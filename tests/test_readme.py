@@ -45,5 +45,5 @@ def test_readme_commands_name_real_flags():
         if cmd not in command.commands:
             continue
         known = {o for p in command.commands[cmd].params for o in (*p.opts, *p.secondary_opts)}
-        for flag in re.findall(r"(--[a-z-]+)", rest):
+        for flag in re.findall(r"(--[a-z0-9-]+)", rest):
             assert flag in known, f"README uses {flag} with compress {cmd}"
