@@ -10,6 +10,7 @@ import torch
 from compressor.calibration.grams import Gram, gram_roots
 from compressor.math.factorize import whitened_decomposition
 from compressor.math import allocate, spectra
+from compressor.streaming import weights_of
 from compressor.pipeline import CALIBRATION_BATCH, collect_grams_whole_model, iterate_blocks
 from compressor.progress import track
 from compressor.targets import Target
@@ -166,7 +167,11 @@ def analyze_model(
     the Grams of its inputs, collected block by block in the layer loop (or over the whole model
     where a target lies outside the blocks)."""
     if calibration is None:
-        return [analyze_module(t) for t in track(targets, description="spectra")]
+        found = []
+        for t in track(targets, description="spectra"):
+            with weights_of(model).holding(t.module):
+                found.append(analyze_module(t))
+        return found
     batches = calibration.batches(CALIBRATION_BATCH)
     if all(t.block_index is not None for t in targets):
         modules = []

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from compressor import __version__
+from compressor import __version__, distributed
 from compressor.analysis import Analysis, analyze_model, summarize
 from compressor.calibration.sources import CalibrationSet, load_calibration, read_text, tokenize_text
 from compressor.device import resolve_device
@@ -38,12 +38,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _loaded(model: LoadedModel | str, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> LoadedModel:
-    """``model`` loaded (unless it already is), on ``device`` when one is given."""
+def _loaded(
+    model: LoadedModel | str, dtype: torch.dtype = torch.float32, device: torch.device | None = None, *, streamed: bool = False
+) -> LoadedModel:
+    """``model`` loaded (unless it already is), on ``device`` when one is given. ``streamed``: as a
+    skeleton whose blocks are read onto ``device`` when the layer loop reaches them, where the
+    checkpoint allows (:func:`loading.load_model`)."""
     if not isinstance(model, LoadedModel):
         for _ in track([model], description=f"loading {model}"):
-            model = loading.load_model(model, dtype)
-    if device is not None:
+            model = loading.load_model(model, dtype, streamed_to=(device or torch.device("cpu")) if streamed else None)
+    if device is not None and not model.streamed:
         model.model.to(device)
     return model
 
@@ -174,7 +178,8 @@ def analyze(
     check_calib_dtype(calib_dtype)
     calibration = _calibration_options(calibration)
     start = time.perf_counter()
-    loaded = _loaded(model, dtype, device)
+    distributed.start(device)
+    loaded = _loaded(model, dtype, device, streamed=True)
     targets = targets_of(loaded, include, exclude)
     windows = None if calibration is None else _windows(loaded, calibration, calib_dtype)
     modules = analyze_model(loaded.model, targets, windows, resolve_calib_dtype(calib_dtype, loaded.model))
@@ -246,7 +251,8 @@ def factorize(
     start = time.perf_counter()
     calibration = _calibration_options(calibration)
     dest = None if output is None else _destination(output, overwrite, model)
-    loaded = _loaded(model, dtype, device)
+    distributed.start(device)
+    loaded = _loaded(model, dtype, device, streamed=True)
     targets = targets_of(loaded, include, exclude)
     calibration_set = None
     if options.needs_calibration:
@@ -260,7 +266,8 @@ def factorize(
                 loaded.model, targets, options, calibration_set, dry_run=dest is None, spill=Spill(spill) if spill else None
             )
         info = calibration_set.info.to_dict() if calibration_set is not None else None
-        file_bytes = None if dest is None else _save_factorized(loaded, outcome, options, info, dest, overwrite)
+        writes = dest is not None and distributed.is_main()  # under torchrun, process 0 alone writes
+        file_bytes = _save_factorized(loaded, outcome, options, info, dest, overwrite) if writes else None
     return FactorizeResult(outcome, loaded.source, info, dest, file_bytes, time.perf_counter() - start)
 
 

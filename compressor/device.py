@@ -1,12 +1,14 @@
 """``--device``: where a run's models, calibration passes, statistics and decompositions live.
 
 One value per run, resolved once at the edge: ``auto`` is the first CUDA device when torch sees
-one, else the CPU. The model is moved there after loading; every later step follows the model's
-parameters (``next(model.parameters()).device``), so nothing else needs the flag.
+one (under torchrun, the process's own: ``LOCAL_RANK``), else the CPU. A model loaded whole is
+moved there; a streamed one reads each block straight onto it. Every later step asks
+:func:`model_device`, so nothing else needs the flag.
 """
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -26,7 +28,12 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
         raise UsageError(f"unknown --device {spec!r}: use {DEVICE_HELP}")
     kind, index = match.group(1), match.group(2)
     if kind == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        local = os.environ.get("LOCAL_RANK")
+        if local is not None and local.isdigit() and int(local) < torch.cuda.device_count():
+            return torch.device("cuda", int(local))
+        return torch.device("cuda", torch.cuda.current_device())
     if kind == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -39,6 +46,12 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    """Where ``model``'s first parameter lives (the CPU for a model without parameters)."""
+    """Where ``model`` runs: the device a streamed model's blocks are read onto, else where its
+    first parameter lives (the CPU for a model without parameters)."""
+    from compressor.streaming import weights_of
+
+    store = weights_of(model)
+    if store.streamed:
+        return store.device
     first = next(model.parameters(), None)
     return torch.device("cpu") if first is None else first.device

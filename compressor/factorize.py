@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
+from compressor import distributed
 from compressor.architecture import has_lm_head
 from compressor.calibration.grams import Gram, gram_roots
 from compressor.calibration.sources import CalibrationSet
@@ -29,6 +30,7 @@ from compressor.options import FactorizeOptions
 from compressor.precision import decomposition_dtype, resolve_calib_dtype
 from compressor.progress import track
 from compressor.residency import Spill, release
+from compressor.streaming import weights_of
 from compressor.sensitivity import fisher_scale, layer_sensitivities, output_fisher
 from compressor.targets import Target
 
@@ -162,20 +164,26 @@ def _decompose_block(
     can save parameters); ``dtype``: of the whitened decompositions."""
     if grams is None:
         return {t.name: svd_decomposition(t.weight()) for t in targets}
-    # Only a matrix with more outputs than inputs needs the whitening root (whitened_decomposition).
-    roots = gram_roots(grams, [t.name for t in targets if t.shape[0] > t.shape[1]], dtype)
-    return {
-        t.name: whitened_decomposition(
-            t.weight(),
-            gram=grams[t.name].matrix,
-            root=roots.get(t.name),
-            scale=None if scales is None else scales[t.name],
-            values_only=values_only,
-            keep=allocate.max_factored_rank(t.shape) if keep is None else keep[t.name],
-            dtype=dtype,
-        )
-        for t in targets
-    }
+
+    def decompose(names: list[str]) -> dict[str, Decomposition]:
+        mine = [t for t in targets if t.name in set(names)]
+        # Only a matrix with more outputs than inputs needs the whitening root (whitened_decomposition).
+        roots = gram_roots(grams, [t.name for t in mine if t.shape[0] > t.shape[1]], dtype)
+        return {
+            t.name: whitened_decomposition(
+                t.weight(),
+                gram=grams[t.name].matrix,
+                root=roots.get(t.name),
+                scale=None if scales is None else scales[t.name],
+                values_only=values_only,
+                keep=allocate.max_factored_rank(t.shape) if keep is None else keep[t.name],
+                dtype=dtype,
+            )
+            for t in mine
+        }
+
+    # Under torchrun each process decomposes its share of the block's targets; all get every result.
+    return distributed.split_work([t.name for t in targets], decompose)
 
 
 def decompose_all(
@@ -199,7 +207,11 @@ def decompose_all(
         return d if spill is None else d.held_by(spill)
 
     if calibration is None:
-        return {t.name: kept(svd_decomposition(t.weight()), t.shape) for t in track(targets, description="decomposing")}
+        found = {}
+        for t in track(targets, description="decomposing"):
+            with weights_of(model).holding(t.module):
+                found[t.name] = kept(svd_decomposition(t.weight()), t.shape)
+        return found
     decompositions = {}
     batches = calibration.batches(CALIBRATION_BATCH)
     dtype = decomposition_dtype(compute_dtype)
@@ -228,18 +240,19 @@ def factor_targets(
 
     by_name = {m.name: m for m in plan.modules}
     errors: dict[str, float] = {}
+    store = weights_of(model)
 
     def factor(step_targets: list[Target], decs: dict[str, Decomposition]) -> None:
         factors = {}
-        for t in step_targets:
-            rank = by_name[t.name].rank
-            if rank is None:
-                continue
-            d = decs[t.name]
-            factors[t.name] = d.factors(t.weight(), rank, t.module.weight.dtype)
-            errors[t.name] = d.discarded(rank)
-            release([*t.module.parameters(), d.u, *([] if d.vh is None else [d.vh])])
-        apply_factors(model, factors)
+        planned = [t for t in step_targets if by_name[t.name].rank is not None]
+        with store.holding([t.module for t in planned]):  # the weights, for A = (D·U_r)ᵀ·W and the biases
+            for t in planned:
+                rank = by_name[t.name].rank
+                d = decs[t.name]
+                factors[t.name] = d.factors(t.weight(), rank, t.module.weight.dtype)
+                errors[t.name] = d.discarded(rank)
+                release([d.u, *([] if d.vh is None else [d.vh])])
+            apply_factors(model, factors)
         if spill is not None:
             for name in factors:
                 module = model.get_submodule(name)
@@ -327,12 +340,14 @@ def factorize_model(
     spectra = {t.name: decompositions[t.name].sv for t in targets}
     plain = spectra if options.method == "svd" else {}
     if options.alloc == "welore" and whitened:
-        plain = {t.name: torch.linalg.svdvals(t.weight().to("cpu", torch.float64)) for t in targets}
+        plain = {}
+        for t in targets:
+            with weights_of(model).holding(t.module):
+                plain[t.name] = torch.linalg.svdvals(t.weight().to("cpu", torch.float64))
     plan = plan_ranks(options, targets, spectra, plain, fisher)
     plan.calibration_ran_in = ran_in
-    release(model.parameters())  # plain spectra and weights read outside the layer loop
     after = before - plan.params_before + plan.params_after
-    if dry_run:
+    if dry_run or (not sequential and not distributed.is_main()):  # one-shot: process 0 alone factors and writes
         return FactorizeOutcome(plan, before, after, time.perf_counter() - start)
     if sequential:
         if own_decompositions:

@@ -91,6 +91,13 @@ class LoadedModel:
     def is_causal_lm(self) -> bool:
         return has_lm_head(self.model)
 
+    @property
+    def streamed(self) -> bool:
+        """Whether the weights are read block by block from the checkpoint (:mod:`compressor.streaming`)."""
+        from compressor.streaming import is_streamed
+
+        return is_streamed(self.model)
+
 
 def parse_dtype(name: str) -> torch.dtype:
     try:
@@ -107,18 +114,33 @@ def cache_root() -> Path:
     return Path(base) / "compress"
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, *, allow_pickle: bool | None = None) -> LoadedModel:
+def load_model(
+    spec: str, dtype: torch.dtype = torch.float32, *, allow_pickle: bool | None = None, streamed_to: torch.device | None = None
+) -> LoadedModel:
     """Load a model and its tokenizer from any MODEL spec the CLI accepts, strictly.
 
     Safetensors headers and shard indexes are checked before anything is read; a tensor the model
     needs and the files lack, or one they hold and it does not use, is refused rather than left
     randomly initialised (InvalidInputError); so is any NaN or Inf in a loaded weight
     (NumericalError). Pickle weights load only with ``allow_pickle`` (None: inside
-    :func:`allowing_pickle`)."""
+    :func:`allowing_pickle`).
+
+    ``streamed_to``: where possible (plain safetensors folders, and GGUF files through their
+    cached conversion) load only a skeleton whose weights are read onto that device block by
+    block as the layer loop reaches them (:mod:`compressor.streaming`); other checkpoints load
+    whole, as without it."""
     allow = _ALLOW_PICKLE.get() if allow_pickle is None else allow_pickle
-    loaded = _load_any(spec, dtype, allow)
-    check_finite_weights(loaded.model, loaded.source)
+    token = _STREAM_TO.set(streamed_to)
+    try:
+        loaded = _load_any(spec, dtype, allow)
+    finally:
+        _STREAM_TO.reset(token)
+    if not loaded.streamed:  # a streamed model's weights are checked as each is read
+        check_finite_weights(loaded.model, loaded.source)
     return loaded
+
+
+_STREAM_TO: contextvars.ContextVar[torch.device | None] = contextvars.ContextVar("compress_stream_to", default=None)
 
 
 def _load_any(spec: str, dtype: torch.dtype, allow_pickle: bool) -> LoadedModel:
@@ -225,7 +247,7 @@ def _from_pretrained(
 ):
     """transformers' loading, strict: what it reports missing, unexpected or mismatched is refused.
     ``held`` (the weight files' tensor count and number of values) bounds the model the config may describe."""
-    import transformers
+
 
     from compressor.formats.checkpoint import loading_problems
 
@@ -243,11 +265,9 @@ def _from_pretrained(
     except _MALFORMED_INPUT_ERRORS as e:
         raise InvalidInputError(f"cannot load the model at {where}: {_why(e)}") from e
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(where, **kwargs)
+        tokenizer = transformers_tokenizer(where, **kwargs)
     except MemoryError as e:
         raise OutOfResourcesError(f"out of memory while loading the tokenizer at {where}") from e
-    except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions on a malformed vocabulary
-        raise InvalidInputError(f"cannot load the tokenizer at {where}: {_why(e)}") from e
     loading_problems(_ignoring_what_the_model_allows(model, info)).raise_if_any(
         f"the weights at {where} do not match the model its config.json describes"
     )
@@ -295,6 +315,9 @@ def _load_folder(path: Path, dtype: torch.dtype, source: str, allow_pickle: bool
         return LoadedModel(model, tokenizer, source, path)
     tensors = check_folder_headers(path)
     if tensors is not None:  # safetensors weights, valid: any pickle files beside them are ignored
+        streamed = _streamed(path, dtype, tensors)
+        if streamed is not None:
+            return LoadedModel(*streamed, source, path)
         model, tokenizer = _from_pretrained(path, dtype, use_safetensors=True, held=_held(tensors))
         return LoadedModel(model, tokenizer, source, path)
     if safetensors and not pickles:
@@ -311,6 +334,58 @@ def _load_folder(path: Path, dtype: torch.dtype, source: str, allow_pickle: bool
     # transformers unpickles with torch.load(weights_only=True): tensors only, no arbitrary objects
     model, tokenizer = _from_pretrained(path, dtype, use_safetensors=False)
     return LoadedModel(model, tokenizer, source, path)
+
+
+def _streamed(path: Path, dtype: torch.dtype, tensors: dict) -> tuple[nn.Module, object] | None:
+    """(skeleton, tokenizer) of a streamed model, when :func:`load_model` was asked for one and the
+    checkpoint's tensors are exactly the model's parameters by name and shape (else None: the
+    model loads whole, through transformers' own renaming rules and strict report)."""
+    device = _STREAM_TO.get()
+    if device is None:
+        return None
+    from accelerate import init_empty_weights
+
+    from compressor.streaming import StreamedWeights, attach, checkpoint_keys
+
+    config = read_model_config(path)
+    auto = model_class(config, causal=is_causal_architecture(config))
+    build = getattr(auto, "from_config", None) or auto._from_config
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = build(config, dtype=dtype)
+        if hasattr(model, "tie_weights"):  # as from_pretrained ties them (outside init_empty_weights, which re-registers)
+            model.tie_weights()
+    except MemoryError as e:
+        raise OutOfResourcesError(f"out of memory while building the model at {path}") from e
+    except _MALFORMED_INPUT_ERRORS as e:
+        raise InvalidInputError(f"cannot build the model at {path}: {_why(e)}") from e
+    keys = checkpoint_keys(model, path, tensors)
+    if keys is None or {key for _, key in keys.values()} != set(tensors):
+        log.info("%s does not map one to one onto the model's parameters: it loads whole", path)
+        return None
+    model.eval()
+    for module in model.modules():  # buffers (rotary frequencies, position ids) are made, not read
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.to(device)
+    attach(model, StreamedWeights(model, keys, dtype, device, source=str(path)))
+    try:
+        tokenizer = transformers_tokenizer(path)
+    except MemoryError as e:
+        raise OutOfResourcesError(f"out of memory while loading the tokenizer at {path}") from e
+    return model, tokenizer
+
+
+def transformers_tokenizer(where: str | Path, **kwargs):
+    """``AutoTokenizer.from_pretrained``, a malformed vocabulary reported as InvalidInputError."""
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(where, **kwargs)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions on a malformed vocabulary
+        raise InvalidInputError(f"cannot load the tokenizer at {where}: {_why(e)}") from e
 
 
 def _held(tensors: dict) -> tuple[int, int]:
@@ -416,6 +491,9 @@ def _load_gguf(path: Path, dtype: torch.dtype, source: str) -> LoadedModel:
         convert_gguf(path, cached)
     try:
         tensors = check_folder_headers(cached) or {}
+        streamed = _streamed(cached, dtype, tensors)
+        if streamed is not None:
+            return LoadedModel(*streamed, source, cached)
         model, tokenizer = _from_pretrained(cached, dtype, use_safetensors=True, held=_held(tensors))
     except InvalidInputError as e:
         raise InvalidInputError(f"{e} (the cached conversion of {path.name}: delete {cached} to convert again)") from e

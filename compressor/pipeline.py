@@ -3,9 +3,10 @@
 The first block's inputs are captured once (a pre-hook that stops the forward pass), then
 the blocks run one at a time on the cached inputs; each block's outputs become the next
 block's inputs. A caller may change a block between collecting its statistics and running
-it forward, which is what sequential mode does. Once the loop has moved past a block, the pages
-of its memory-mapped weights are released and the heap's free pages returned
-(:mod:`compressor.residency`): a pass holds one block's weights and working set at a time.
+it forward, which is what sequential mode does. Each block's weights are held only while the
+loop is at it (:mod:`compressor.streaming`: read from the checkpoint for a streamed model; for
+one loaded whole, the pages of its memory-mapped weights released afterwards), and the heap's
+free pages are returned after each block: a pass holds one block's weights and working set at a time.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ import torch
 from torch import nn
 
 from compressor.attention import chunked_causal_attention
-from compressor.calibration.grams import GramCollector
+from compressor import distributed
+from compressor.calibration.grams import Gram, GramCollector
+from compressor.device import model_device
 from compressor.precision import autocast_to
 from compressor.progress import track
-from compressor.residency import release, return_free_heap
+from compressor.residency import return_free_heap
+from compressor.streaming import weights_of
 from compressor.targets import Target, find_blocks
 
 
@@ -50,6 +54,24 @@ def _model_kwargs(model: nn.Module) -> dict:
     return {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
 
 
+def outside_blocks(model: nn.Module, head: bool = False) -> list[nn.Module]:
+    """The modules with weights of their own outside the transformer blocks (embeddings, final
+    norm; with ``head``, the output embedding too, which the passes before the blocks never read
+    unless it is tied to the input embedding)."""
+    prefix, _ = find_blocks(model)
+    skip = set()
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is not None and not head:
+        skip.add(id(output))
+    found = []
+    for name, module in model.named_modules():
+        if name == prefix or name.startswith(prefix + ".") or id(module) in skip:
+            continue
+        if any(True for _ in module.parameters(recurse=False)):
+            found.append(module)
+    return found
+
+
 @torch.inference_mode()
 def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor]) -> list[BlockInput]:
     """Run the model up to its first block, once per batch, and keep what the block receives."""
@@ -62,15 +84,15 @@ def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor]) -> list[
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        device = next(model.parameters()).device
-        for batch in batches:
-            try:
-                model(input_ids=batch.to(device), **_model_kwargs(model))
-            except _StopForward:
-                pass
+        device = model_device(model)
+        with weights_of(model).holding(outside_blocks(model)):
+            for batch in batches:
+                try:
+                    model(input_ids=batch.to(device), **_model_kwargs(model))
+                except _StopForward:
+                    pass
     finally:
         handle.remove()
-    release(model.get_input_embeddings().parameters())
     return captured
 
 
@@ -112,7 +134,7 @@ class BlockStep:
             raise RuntimeError(f"block {self.index} has already produced the next block's inputs")
 
     @torch.inference_mode()
-    def collect_grams(self, block_final: bool = False, only: list[Target] | None = None) -> dict[str, "Gram"]:  # noqa: F821
+    def collect_grams(self, block_final: bool = False, only: list[Target] | None = None) -> dict[str, Gram]:
         """The targets' input Grams (``only``: of these targets alone). ``block_final``: the caller
         will not change the block, so the outputs of this very pass become the next block's inputs
         (one forward instead of two)."""
@@ -124,6 +146,8 @@ class BlockStep:
                     self.inputs[i] = _next_input(inp, out)
         self._advanced = block_final
         return_free_heap()  # the forward passes' activations, before the caller decomposes
+        for gram in collector.unique():
+            gram.sum_across_processes()
         return collector.grams
 
     @torch.inference_mode()
@@ -150,6 +174,8 @@ def iterate_blocks(
     After the caller is done with a step, the block is run forward (as it is then) to make
     the next block's inputs. Blocks without targets are run through without being yielded.
     ``compute_dtype``: autocast the blocks' forward passes to it (see :func:`resolve_calib_dtype`).
+    Under torchrun each process runs its own share of ``batches`` (:func:`distributed.shard`);
+    the statistics a step collects are summed across processes.
     """
     _, blocks = find_blocks(model)
     by_block: dict[int, list[Target]] = {}
@@ -157,15 +183,16 @@ def iterate_blocks(
         if t.block_index is None:
             raise ValueError(f"{t.name} is outside the transformer blocks; the layer loop cannot reach it")
         by_block.setdefault(t.block_index, []).append(t)
-    inputs = capture_block_inputs(model, batches)
+    inputs = capture_block_inputs(model, distributed.shard(batches))
     last = max(by_block, default=-1)
+    store = weights_of(model)
     for index in track(range(last + 1), description=description):
-        step = BlockStep(index, blocks[index], by_block.get(index, []), inputs, compute_dtype)
-        if step.targets:
-            yield step
-        if index < last:
-            inputs = step.outputs()
-        release(blocks[index].parameters())  # read again, if at all, in the next pass
+        with store.holding(blocks[index]):  # read again, if at all, in the next pass
+            step = BlockStep(index, blocks[index], by_block.get(index, []), inputs, compute_dtype)
+            if step.targets:
+                yield step
+            if index < last:
+                inputs = step.outputs()
         return_free_heap()
     inputs.clear()  # the hidden states, though the caller may still hold the last step
     return_free_heap()
@@ -175,10 +202,13 @@ def iterate_blocks(
 def collect_grams_whole_model(
     model: nn.Module, batches: list[torch.Tensor], targets: list[Target], compute_dtype: torch.dtype | None = None
 ):
-    """All targets' Grams in full forward passes: for targets outside the blocks (lm_head)."""
-    device = next(model.parameters()).device
-    with GramCollector({t.name: t.module for t in targets}) as collector:
-        for batch in track(batches, description="calibrating"):
+    """All targets' Grams in full forward passes: for targets outside the blocks (lm_head). A
+    streamed model is held whole meanwhile."""
+    device = model_device(model)
+    with GramCollector({t.name: t.module for t in targets}) as collector, weights_of(model).holding(model):
+        for batch in track(distributed.shard(batches), description="calibrating"):
             with autocast_to(model, compute_dtype), chunked_causal_attention():
                 model(input_ids=batch.to(device), **_model_kwargs(model))
+    for gram in collector.unique():
+        gram.sum_across_processes()
     return collector.grams

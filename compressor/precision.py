@@ -33,10 +33,12 @@ def resolve_calib_dtype(name: str, model: nn.Module) -> torch.dtype | None:
     their Grams then run in float32 (:func:`decomposition_dtype`).
     """
     check_calib_dtype(name)
+    from compressor.device import model_device
+
     param = next(model.parameters())
     if name == "float32" or param.dtype != torch.float32:
         return None
-    if name == "bfloat16" or _fast_bfloat16(param.device):
+    if name == "bfloat16" or _fast_bfloat16(model_device(model)):
         return torch.bfloat16
     return None
 
@@ -51,4 +53,6 @@ def autocast_to(model: nn.Module, dtype: torch.dtype | None) -> contextlib.Abstr
     """Autocast context for forward passes of ``model`` in ``dtype`` (a no-op for None)."""
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
+    from compressor.device import model_device
+
+    return torch.autocast(model_device(model).type, dtype=dtype)

@@ -82,6 +82,17 @@ class Gram:
         return total
 
 
+    def sum_across_processes(self) -> None:
+        """Under torchrun, make this Gram the sum of every process's (each saw its own windows)."""
+        from compressor import distributed
+
+        if not distributed.active():
+            return
+        total = distributed.sum_(self.matrix)
+        self.tokens = distributed.sum_int(self.tokens)
+        self._upper, self._device_sum, self._matrix = total, None, total
+
+
 def _product_dtype(device_type: str) -> torch.dtype:
     """float32, or the autocast dtype where autocast is on: what the products would run in anyway."""
     if torch.is_autocast_enabled(device_type):

@@ -355,7 +355,9 @@ def save_factored(
     out = Path(out_dir)
     try:
         with atomic_dir(out, overwrite=overwrite) as tmp:
-            with _described_as_factored(model, qconfig), releasing_writer():
+            from compressor.streaming import weights_of
+
+            with _described_as_factored(model, qconfig), releasing_writer(weights_of(model).read_for_writing):
                 model.save_pretrained(tmp, max_shard_size=max_shard_size)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)

@@ -14,6 +14,8 @@ import json
 import os
 import struct
 from collections.abc import Iterator, Mapping
+import contextvars
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -62,7 +64,12 @@ def save_file(tensors: Mapping[str, torch.Tensor], filename: str | os.PathLike[s
     with open(filename, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for _, t in items:
+        for name, t in items:
+            if t.device.type == "meta":  # a streamed model's weight, still in its checkpoint
+                reader = _META_READER.get()
+                if reader is None:
+                    raise ValueError(f"{name} is on the meta device: it has no data to write")
+                t = reader(name, t)
             data = t.detach().to("cpu").contiguous().view(-1)
             step = max(1, WRITE_CHUNK_BYTES // data.element_size())
             for start in range(0, data.numel(), step):
@@ -72,21 +79,32 @@ def save_file(tensors: Mapping[str, torch.Tensor], filename: str | os.PathLike[s
             release([t])  # where `data` is a copy, the pages it was read from
 
 
+_META_READER: contextvars.ContextVar[Callable[[str, torch.Tensor], torch.Tensor] | None] = contextvars.ContextVar(
+    "compress_meta_reader", default=None
+)
+
+
 @contextmanager
-def releasing_writer() -> Iterator[None]:
+def releasing_writer(meta_reader: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> Iterator[None]:
     """Have transformers' ``save_pretrained`` write its shards with :func:`save_file`.
 
     Only the name transformers calls is swapped, for the duration; if a release of transformers
-    stops calling it, saving still works, with safetensors' own writer.
+    stops calling it, saving still works, with safetensors' own writer. ``meta_reader(name,
+    tensor)``: the data of a tensor on the meta device (a streamed model's weight, read from its
+    checkpoint one at a time as the shards are written).
     """
     from transformers import modeling_utils
 
     saved = getattr(modeling_utils, "safe_save_file", None)
     if saved is None:
+        if meta_reader is not None:
+            raise RuntimeError("this transformers release does not write through safe_save_file: a streamed model cannot be saved")
         yield
         return
     modeling_utils.safe_save_file = save_file
+    token = _META_READER.set(meta_reader)
     try:
         yield
     finally:
+        _META_READER.reset(token)
         modeling_utils.safe_save_file = saved

@@ -1,0 +1,205 @@
+"""Where a model's weights live while it is compressed: in memory, or read from its checkpoint
+one module at a time.
+
+A streamed model is a skeleton whose parameters are on the meta device (no memory); buffers
+(rotary frequencies, position ids) are real. :class:`StreamedWeights` reads a module's
+parameters from the safetensors files when the layer loop reaches it, on the execution device
+and in the model's dtype, and puts them back on the meta device when the loop is done with
+it. Host and device memory then hold one block (plus the embeddings while they are used),
+whatever the model's depth.
+
+The code that walks a model asks :func:`weights_of` for the model's store and brackets its
+work with ``store.holding(module)``; for a model loaded whole (:class:`InMemoryWeights`) that
+only releases the pages of memory-mapped weights afterwards (:mod:`compressor.residency`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressor.residency import release
+
+log = logging.getLogger(__name__)
+
+
+class InMemoryWeights:
+    """The weights are all in the model already: loading is nothing, unloading releases the
+    pages of memory-mapped weights (they come back from the page cache when read again)."""
+
+    streamed = False
+
+    def load(self, modules: nn.Module | Iterable[nn.Module]) -> None:
+        pass
+
+    def unload(self, modules: nn.Module | Iterable[nn.Module]) -> None:
+        for module in _as_list(modules):
+            release(module.parameters())
+
+    @contextlib.contextmanager
+    def holding(self, modules: nn.Module | Iterable[nn.Module]) -> Iterator[None]:
+        """Within the block, ``modules``' weights are in memory; afterwards they are let go."""
+        modules = _as_list(modules)
+        try:
+            self.load(modules)
+            yield
+        finally:
+            self.unload(modules)
+
+    def read_for_writing(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        raise ValueError(f"{name} is on the meta device: it has no data to write")
+
+
+def _as_list(modules: nn.Module | Iterable[nn.Module]) -> list[nn.Module]:
+    return [modules] if isinstance(modules, nn.Module) else list(modules)
+
+
+class StreamedWeights(InMemoryWeights):
+    """Parameters read from safetensors files on demand.
+
+    ``keys``: for each parameter name of the model (tied names included), the file and the key
+    it is stored under. Parameters that share one tensor (tied embeddings) are loaded once and
+    set on every module that holds them.
+    """
+
+    streamed = True
+
+    def __init__(
+        self, model: nn.Module, keys: dict[str, tuple[Path, str]], dtype: torch.dtype, device: torch.device, source: str = ""
+    ):
+        self.dtype = dtype
+        self.device = device
+        self.source = source
+        self._keys = keys
+        # Each distinct parameter (by identity) → every (module, attribute) that holds it, and its
+        # names; a module's parameters are found through the module's own names.
+        self._holders: dict[int, list[tuple[nn.Module, str]]] = {}
+        self._name_of: dict[int, str] = {}
+        for module_name, module in model.named_modules(remove_duplicate=False):
+            for attr, p in module._parameters.items():
+                if p is None:
+                    continue
+                name = f"{module_name}.{attr}" if module_name else attr
+                self._holders.setdefault(id(p), []).append((module, attr))
+                if name in keys:
+                    self._name_of.setdefault(id(p), name)
+        self._files: dict[Path, object] = {}
+
+    def _read(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path, key = self._keys[name]
+        handle = self._files.get(path)
+        if handle is None:
+            handle = self._files[path] = safe_open(str(path), framework="pt")
+        tensor = handle.get_tensor(key)
+        if tensor.is_floating_point():
+            tensor = tensor.to(device=self.device, dtype=self.dtype)
+            if not bool(torch.isfinite(tensor).all()):
+                from compressor.errors import NumericalError
+
+                raise NumericalError(f"{self.source or path.parent} holds NaN or Inf in {key}")
+            return tensor
+        return tensor.to(self.device)
+
+    def _set(self, holders: list[tuple[nn.Module, str]], value: nn.Parameter) -> None:
+        for module, attr in holders:
+            module._parameters[attr] = value
+        self._holders[id(value)] = holders
+
+    def load(self, modules: nn.Module | Iterable[nn.Module]) -> None:
+        for module in _as_list(modules):
+            for p in list(module.parameters()):
+                if p.device.type != "meta":
+                    continue
+                name = self._name_of.get(id(p))
+                if name is None:
+                    raise RuntimeError(f"a parameter of shape {tuple(p.shape)} has no tensor in the checkpoint")
+                holders = self._holders.pop(id(p))
+                value = nn.Parameter(self._read(name), requires_grad=False)
+                self._name_of[id(value)] = self._name_of.pop(id(p))
+                self._set(holders, value)
+
+    def unload(self, modules: nn.Module | Iterable[nn.Module]) -> None:
+        """Back to the meta device: only the parameters this store read (a factor made meanwhile,
+        which the checkpoint does not hold, stays)."""
+        for module in _as_list(modules):
+            for p in list(module.parameters()):
+                if p.device.type == "meta" or id(p) not in self._name_of or id(p) not in self._holders:
+                    continue
+                holders = self._holders.pop(id(p))
+                empty = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
+                self._name_of[id(empty)] = self._name_of.pop(id(p))
+                self._set(holders, empty)
+
+    def read_for_writing(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The checkpoint's tensor for parameter ``name`` (as a writer names it), on the CPU."""
+        if name not in self._keys:
+            raise ValueError(f"{name} is on the meta device and not in {self.source or 'the checkpoint'}")
+        device, self.device = self.device, torch.device("cpu")
+        try:
+            return self._read(name)
+        finally:
+            self.device = device
+
+    def close(self) -> None:
+        self._files.clear()
+
+
+_stores: weakref.WeakKeyDictionary[nn.Module, InMemoryWeights] = weakref.WeakKeyDictionary()
+_IN_MEMORY = InMemoryWeights()
+
+
+def weights_of(model: nn.Module) -> InMemoryWeights:
+    """The store of ``model``'s weights (in memory unless the model was loaded streamed)."""
+    return _stores.get(model, _IN_MEMORY)
+
+
+def attach(model: nn.Module, store: InMemoryWeights) -> None:
+    _stores[model] = store
+
+
+def is_streamed(model: nn.Module) -> bool:
+    return weights_of(model).streamed
+
+
+@contextlib.contextmanager
+def materialized(model: nn.Module) -> Iterator[None]:
+    """The whole model in memory for the duration (what a streamed model needs for code that runs
+    it whole: text generation, evaluation of two models in lockstep)."""
+    with weights_of(model).holding(model):
+        yield
+
+
+def checkpoint_keys(model: nn.Module, folder: Path, headers: dict) -> dict[str, tuple[Path, str]] | None:
+    """For each parameter name of ``model``, the (file, key) that holds it in the checkpoint in
+    ``folder`` whose tensors ``headers`` lists by key (:class:`TensorHeader`); None when some parameter cannot be found, or has another
+    shape there (the checkpoint then needs transformers' own renaming rules: load it whole).
+    Keys may carry or lack the model's ``base_model_prefix``, as transformers allows."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    found: dict[str, tuple[Path, str]] = {}
+    by_identity: dict[int, tuple[Path, str]] = {}
+    named = list(model.named_parameters(remove_duplicate=False))
+    for name, p in named:
+        candidates = [name]
+        if prefix:
+            candidates += [name.removeprefix(prefix + ".")] if name.startswith(prefix + ".") else [f"{prefix}.{name}"]
+        for key in candidates:
+            if key in headers:
+                header = headers[key]
+                if tuple(header.shape) != tuple(p.shape):
+                    return None
+                found[name] = by_identity.setdefault(id(p), (Path(folder) / header.file, key))
+                break
+    for name, p in named:  # a tied parameter stored under another of its names
+        if name not in found:
+            if id(p) not in by_identity:
+                return None
+            found[name] = by_identity[id(p)]
+    return found
