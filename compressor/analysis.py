@@ -178,4 +178,5 @@ def analyze_model(
         for step in iterate_blocks(model, batches, targets, "calibrating blocks", compute_dtype):
             modules.extend(analyze_grams(step.targets, step.collect_grams(block_final=True)))
         return modules
-    return analyze_grams(targets, collect_grams_whole_model(model, batches, targets, compute_dtype))
+    with weights_of(model).holding(model):  # a streamed model whole, for the head's weight
+        return analyze_grams(targets, collect_grams_whole_model(model, batches, targets, compute_dtype))

@@ -27,6 +27,7 @@ from compressor.precision import resolve_calib_dtype
 from compressor.options import CalibrationOptions, CompensateOptions, FactorizeOptions, check_calib_dtype, check_target
 from compressor.options import QuantizeOptions
 from compressor.progress import track
+from compressor.streaming import materialized
 from compressor.targets import Target, select_targets
 
 if TYPE_CHECKING:
@@ -132,7 +133,10 @@ def calibrate(loaded: LoadedModel, options: CalibrationOptions, *, calib_dtype: 
     """Calibration windows; ``calib_dtype``: matmul dtype while the model generates them (``self``)."""
     loaded.check_seq_len(options.seq_len)
     compute_dtype = resolve_calib_dtype(calib_dtype, loaded.model)
-    return load_calibration(options, loaded.tokenizer, loaded.model, compute_dtype=compute_dtype)
+    # Generating text runs the whole model for every token: a streamed model is held whole meanwhile.
+    whole = materialized(loaded.model) if options.spec == "self" else contextlib.nullcontext()
+    with whole:
+        return load_calibration(options, loaded.tokenizer, loaded.model, compute_dtype=compute_dtype)
 
 
 @dataclass
@@ -196,6 +200,7 @@ class FactorizeResult:
     output: Path | None
     file_bytes: int | None
     seconds: float
+    processes: int = 1  # under torchrun, how many shared the work
 
     def to_json(self) -> dict:
         o = self.outcome
@@ -210,6 +215,7 @@ class FactorizeResult:
             "model_params_after": o.model_params_after,
             "file_bytes": self.file_bytes,
             "seconds": round(self.seconds, 2),
+            "processes": self.processes,
             "plan": o.plan.to_dict(),
         }
 
@@ -268,7 +274,7 @@ def factorize(
         info = calibration_set.info.to_dict() if calibration_set is not None else None
         writes = dest is not None and distributed.is_main()  # under torchrun, process 0 alone writes
         file_bytes = _save_factorized(loaded, outcome, options, info, dest, overwrite) if writes else None
-    return FactorizeResult(outcome, loaded.source, info, dest, file_bytes, time.perf_counter() - start)
+    return FactorizeResult(outcome, loaded.source, info, dest, file_bytes, time.perf_counter() - start, distributed.world_size())
 
 
 @contextlib.contextmanager

@@ -136,8 +136,21 @@ def _running() -> Iterator[None]:
     for handler in list(hub_logger.handlers):
         hub_logger.removeHandler(handler)
     pickle = allowing_pickle() if _state.get("allow_pickle") else contextlib.nullcontext()
+    if _secondary_process():  # under torchrun, process 0 alone reports; the others only say what fails
+        out.quiet = True
+        logging.getLogger().setLevel(logging.ERROR)
+        with pickle:
+            yield
+        return
     with pickle, RichProgressSink(err) as sink, reporting_to(sink):
         yield
+
+
+def _secondary_process() -> bool:
+    """One of several processes torchrun started, other than the first (RANK 0)."""
+    from compressor import distributed
+
+    return distributed.launched() and os.environ.get("RANK", "0") != "0"
 
 
 def _torch_dtype(name: str):
@@ -242,6 +255,8 @@ def analyze_command(
     info = result.calibration
     used = "none (weights only)" if info is None else f"{info['spec']} ({info['tokens']} tokens)"
     out.print(f"{len(result.analysis.modules)} modules analyzed in {result.seconds:.1f} s; calibration: {used}")
+    if _secondary_process():
+        return
     if json_path:
         write_json(json_path, result.to_json())
         out.print(f"wrote {json_path}")
@@ -311,7 +326,7 @@ def factorize_command(
             device=device,
         )
     factorize_summary(result, out)
-    if json_path:
+    if json_path and not _secondary_process():
         write_json(json_path, result.to_json())
 
 

@@ -347,10 +347,16 @@ def _streamed(path: Path, dtype: torch.dtype, tensors: dict) -> tuple[nn.Module,
 
     from compressor.streaming import StreamedWeights, attach, checkpoint_keys
 
+    from safetensors import safe_open
+
     config = read_model_config(path)
     auto = model_class(config, causal=is_causal_architecture(config))
     build = getattr(auto, "from_config", None) or auto._from_config
     try:
+        _refuse_oversized(config, auto, path, _held(tensors))
+        for name in sorted({t.file for t in tensors.values()}):
+            with safe_open(str(path / name), framework="pt"):  # the library's own checks, before any pass
+                pass
         with init_empty_weights(include_buffers=False):
             model = build(config, dtype=dtype)
         if hasattr(model, "tie_weights"):  # as from_pretrained ties them (outside init_empty_weights, which re-registers)
@@ -358,7 +364,7 @@ def _streamed(path: Path, dtype: torch.dtype, tensors: dict) -> tuple[nn.Module,
     except MemoryError as e:
         raise OutOfResourcesError(f"out of memory while building the model at {path}") from e
     except _MALFORMED_INPUT_ERRORS as e:
-        raise InvalidInputError(f"cannot build the model at {path}: {_why(e)}") from e
+        raise InvalidInputError(f"cannot load the model at {path}: {_why(e)}") from e
     keys = checkpoint_keys(model, path, tensors)
     if keys is None or {key for _, key in keys.values()} != set(tensors):
         log.info("%s does not map one to one onto the model's parameters: it loads whole", path)

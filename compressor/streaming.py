@@ -35,22 +35,28 @@ class InMemoryWeights:
 
     streamed = False
 
-    def load(self, modules: nn.Module | Iterable[nn.Module]) -> None:
-        pass
+    def load(self, modules: nn.Module | Iterable[nn.Module]) -> list[nn.Parameter]:
+        """Make ``modules``' weights present; returns the parameters that were not."""
+        return []
 
     def unload(self, modules: nn.Module | Iterable[nn.Module]) -> None:
         for module in _as_list(modules):
             release(module.parameters())
 
+    def _let_go(self, modules: list[nn.Module], loaded: list[nn.Parameter]) -> None:
+        self.unload(modules)
+
     @contextlib.contextmanager
     def holding(self, modules: nn.Module | Iterable[nn.Module]) -> Iterator[None]:
-        """Within the block, ``modules``' weights are in memory; afterwards they are let go."""
+        """Within the block, ``modules``' weights are in memory; afterwards what this call read is
+        let go (what an enclosing ``holding`` read stays for it)."""
         modules = _as_list(modules)
+        loaded: list[nn.Parameter] = []
         try:
-            self.load(modules)
+            loaded = self.load(modules)
             yield
         finally:
-            self.unload(modules)
+            self._let_go(modules, loaded)
 
     def read_for_writing(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{name} is on the meta device: it has no data to write")
@@ -113,7 +119,8 @@ class StreamedWeights(InMemoryWeights):
             module._parameters[attr] = value
         self._holders[id(value)] = holders
 
-    def load(self, modules: nn.Module | Iterable[nn.Module]) -> None:
+    def load(self, modules: nn.Module | Iterable[nn.Module]) -> list[nn.Parameter]:
+        loaded = []
         for module in _as_list(modules):
             for p in list(module.parameters()):
                 if p.device.type != "meta":
@@ -121,22 +128,29 @@ class StreamedWeights(InMemoryWeights):
                 name = self._name_of.get(id(p))
                 if name is None:
                     raise RuntimeError(f"a parameter of shape {tuple(p.shape)} has no tensor in the checkpoint")
-                holders = self._holders.pop(id(p))
                 value = nn.Parameter(self._read(name), requires_grad=False)
+                holders = self._holders.pop(id(p))
                 self._name_of[id(value)] = self._name_of.pop(id(p))
                 self._set(holders, value)
+                loaded.append(value)
+        return loaded
 
     def unload(self, modules: nn.Module | Iterable[nn.Module]) -> None:
         """Back to the meta device: only the parameters this store read (a factor made meanwhile,
         which the checkpoint does not hold, stays)."""
-        for module in _as_list(modules):
-            for p in list(module.parameters()):
-                if p.device.type == "meta" or id(p) not in self._name_of or id(p) not in self._holders:
-                    continue
-                holders = self._holders.pop(id(p))
-                empty = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
-                self._name_of[id(empty)] = self._name_of.pop(id(p))
-                self._set(holders, empty)
+        self._drop([p for module in _as_list(modules) for p in module.parameters()])
+
+    def _let_go(self, modules: list[nn.Module], loaded: list[nn.Parameter]) -> None:
+        self._drop(loaded)
+
+    def _drop(self, parameters: list[nn.Parameter]) -> None:
+        for p in parameters:
+            if p.device.type == "meta" or id(p) not in self._name_of or id(p) not in self._holders:
+                continue
+            holders = self._holders.pop(id(p))
+            empty = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
+            self._name_of[id(empty)] = self._name_of.pop(id(p))
+            self._set(holders, empty)
 
     def read_for_writing(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """The checkpoint's tensor for parameter ``name`` (as a writer names it), on the CPU."""
