@@ -102,7 +102,7 @@ def evaluate(
 
     text = read_text(data)
     terms = None if adapter is None else read_adapter(adapter)
-    loaded = _loaded(model, dtype, device)
+    loaded = _loaded(model, dtype, device, streamed=terms is None)  # an adapter is added to a model loaded whole
     if not loaded.is_causal_lm:
         raise InvalidInputError(f"{loaded.source} is not a causal language model; perplexity needs one")
     loaded.check_seq_len(seq_len)

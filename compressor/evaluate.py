@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from compressor.attention import chunked_causal_attention
+from compressor.device import model_device
 from compressor.errors import InvalidInputError, NumericalError, UsageError
 from compressor.progress import track
 
@@ -45,12 +46,35 @@ def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None) -> to
 @torch.inference_mode()
 def window_nll(model, windows: torch.Tensor) -> torch.Tensor:
     """Summed NLL of tokens 2..L of each window, float64, one value per window."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     windows = windows.to(device)
     with chunked_causal_attention():
         logits = model(input_ids=windows, use_cache=False).logits
     nll = next_token_nll(logits.float(), windows, reduction="none").view(windows.shape)
     return nll.double().sum(dim=1).cpu()
+
+
+STREAMED_GROUP_BYTES = 256 << 20  # hidden states of the windows that go through the blocks together
+
+
+def _streamed_nll(model, windows: torch.Tensor, batch_size: int) -> float:
+    """Summed NLL of a streamed model (:mod:`compressor.streaming`): groups of windows go through the
+    blocks together, each block read once per group (:func:`logits_block_by_block`)."""
+    from compressor.pipeline import logits_block_by_block
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 4096
+    per_window = windows.shape[1] * int(width) * 4
+    group = max(batch_size, STREAMED_GROUP_BYTES // per_window // batch_size * batch_size)
+    device = model_device(model)
+    total = 0.0
+    for part in track(windows.split(group), description="evaluating"):
+        # one window per pass: the logits of one window ([seq, vocab]) are alive at a time
+        batches = [b.to(device) for b in part.split(1)]
+        for batch, logits in zip(batches, logits_block_by_block(model, batches)):
+            nll = next_token_nll(logits.float(), batch, reduction="none")
+            total += float(nll.double().sum())
+    return total
 
 
 def next_token_nll(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
@@ -73,8 +97,13 @@ def perplexity(
     windows = eval_windows(ids, seq_len, max_windows)
     start = time.perf_counter()
     total = 0.0
-    for batch in track(windows.split(batch_size), description="evaluating"):
-        total += float(window_nll(model, batch).sum())
+    from compressor.streaming import is_streamed
+
+    if is_streamed(model):
+        total = _streamed_nll(model, windows, batch_size)
+    else:
+        for batch in track(windows.split(batch_size), description="evaluating"):
+            total += float(window_nll(model, batch).sum())
     tokens = windows.shape[0] * (seq_len - 1)
     nll = total / tokens
     if not math.isfinite(nll):
@@ -148,7 +177,7 @@ def windows_fingerprint(windows: torch.Tensor) -> str:
 
 def _log_probs(model, batch: torch.Tensor) -> torch.Tensor:
     """Log-probabilities of the next token at positions 1..L-1 of each window, [batch·(L−1), vocab], float32."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     with chunked_causal_attention():
         logits = model(input_ids=batch.to(device), use_cache=False).logits
     return logits[:, :-1].float().log_softmax(-1).reshape(-1, logits.shape[-1]).cpu()

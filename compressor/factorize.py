@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -159,9 +160,12 @@ def _decompose_block(
     values_only: bool = False,
     keep: dict[str, int] | None = None,
     dtype: torch.dtype = torch.float64,
+    done: Callable[[Target], None] | None = None,
 ) -> dict[str, Decomposition]:
     """``keep``: per target, the highest rank whose singular vectors are needed (default: all that
-    can save parameters); ``dtype``: of the whitened decompositions."""
+    can save parameters); ``dtype``: of the whitened decompositions. ``done(target)``: called once a
+    target is decomposed, after which its weight is not read here again, and each Gram is freed
+    after its last module (the caller needs neither any more)."""
     if grams is None:
         return {t.name: svd_decomposition(t.weight()) for t in targets}
 
@@ -169,8 +173,9 @@ def _decompose_block(
         mine = [t for t in targets if t.name in set(names)]
         # Only a matrix with more outputs than inputs needs the whitening root (whitened_decomposition).
         roots = gram_roots(grams, [t.name for t in mine if t.shape[0] > t.shape[1]], dtype)
-        return {
-            t.name: whitened_decomposition(
+        found = {}
+        for i, t in enumerate(mine):
+            found[t.name] = whitened_decomposition(
                 t.weight(),
                 gram=grams[t.name].matrix,
                 root=roots.get(t.name),
@@ -179,8 +184,12 @@ def _decompose_block(
                 keep=allocate.max_factored_rank(t.shape) if keep is None else keep[t.name],
                 dtype=dtype,
             )
-            for t in mine
-        }
+            if done is not None:
+                done(t)
+                gram = grams[t.name]
+                if not any(grams[later.name] is gram for later in mine[i + 1 :]):
+                    gram.free()  # its last module is decomposed: its memory goes before the next one's work
+        return found
 
     # Under torchrun each process decomposes its share of the block's targets; all get every result.
     return distributed.split_work([t.name for t in targets], decompose)
@@ -215,9 +224,11 @@ def decompose_all(
     decompositions = {}
     batches = calibration.batches(CALIBRATION_BATCH)
     dtype = decomposition_dtype(compute_dtype)
+    store = weights_of(model)
     for step in iterate_blocks(model, batches, targets, "calibrating, decomposing", compute_dtype):
-        grams = step.collect_grams(block_final=True)
-        for name, d in _decompose_block(step.targets, grams, scales, values_only, dtype=dtype).items():
+        grams = step.collect_grams(block_final=True)  # the next block's inputs are made: weights only for the math now
+        made = _decompose_block(step.targets, grams, scales, values_only, dtype=dtype, done=lambda t: store.unload(t.module))
+        for name, d in made.items():
             shape = next(t.shape for t in step.targets if t.name == name)
             decompositions[name] = kept(d, shape)
     return decompositions
@@ -270,7 +281,8 @@ def factor_targets(
         factored = [t for t in step.targets if by_name[t.name].rank is not None]
         ranks = {t.name: by_name[t.name].rank for t in factored}
         if factored:  # a block whose targets all stay dense needs no statistics
-            factor(factored, _decompose_block(factored, step.collect_grams(only=factored), scales, keep=ranks, dtype=dtype))
+            grams = step.collect_grams(only=factored)
+            factor(factored, _decompose_block(factored, grams, scales, keep=ranks, dtype=dtype, done=lambda t: None))
     return errors
 
 

@@ -11,7 +11,8 @@ free pages are returned after each block: a pass holds one block's weights and w
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -196,6 +197,87 @@ def iterate_blocks(
         return_free_heap()
     inputs.clear()  # the hidden states, though the caller may still hold the last step
     return_free_heap()
+
+
+def hidden_of(block_output) -> torch.Tensor:
+    """The hidden states a block returns (alone, or first of a tuple)."""
+    return block_output[0] if isinstance(block_output, (tuple, list)) else block_output
+
+
+def _shaped_like(template, hidden: torch.Tensor):
+    """A block's output with ``hidden`` as its hidden states, in the form the block returns them."""
+    if isinstance(template, tuple):
+        return (hidden, *template[1:])
+    if isinstance(template, list):
+        return [hidden, *template[1:]]
+    return hidden
+
+
+@contextlib.contextmanager
+def _blocks_skipped(blocks: nn.ModuleList, last_output: Callable[[], object]) -> Iterator[None]:
+    """Run the model with its blocks replaced: each passes its input through unchanged, the last
+    returns ``last_output()``."""
+    saved = [block.__dict__.get("forward") for block in blocks]
+    last = len(blocks) - 1
+
+    def passing(index: int):
+        def forward(*args, **kwargs):
+            if index == last:
+                return last_output()
+            return args[0] if args else kwargs["hidden_states"]
+
+        return forward
+
+    for i, block in enumerate(blocks):
+        block.forward = passing(i)
+    try:
+        yield
+    finally:
+        for block, original in zip(blocks, saved):
+            del block.forward
+            if original is not None:
+                block.forward = original
+
+
+def head_modules(model: nn.Module) -> list[nn.Module]:
+    """What the model runs after its blocks (final norm, output embedding), and before them all but
+    the input embedding (position embeddings): :func:`logits_after_blocks` reads these alone."""
+    embedding = model.get_input_embeddings()
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = output is not None and getattr(output, "weight", None) is getattr(embedding, "weight", False)
+    return [m for m in outside_blocks(model, head=True) if m is not embedding or tied]
+
+
+def logits_after_blocks(model: nn.Module, last_hidden: torch.Tensor, block_output, compute_dtype: torch.dtype | None = None):
+    """The model's logits from its last block's hidden states ``last_hidden``: the model run with
+    its blocks skipped (``block_output``: any block output, for its form), fed placeholder input
+    embeddings, so that the input embedding is never read. Weights: :func:`head_modules`."""
+    _, blocks = find_blocks(model)
+    placeholder = torch.zeros(last_hidden.shape, dtype=last_hidden.dtype, device=last_hidden.device)
+    with _blocks_skipped(blocks, lambda: _shaped_like(block_output, last_hidden)), autocast_to(model, compute_dtype):
+        return model(inputs_embeds=placeholder, **_model_kwargs(model)).logits
+
+
+@torch.inference_mode()
+def logits_block_by_block(model: nn.Module, batches: list[torch.Tensor], compute_dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
+    """The logits of each batch, computed as the layer loop runs: every batch through one block
+    before the next block is read. For a streamed model, the whole forward pass with one block's
+    weights in memory at a time."""
+    _, blocks = find_blocks(model)
+    store = weights_of(model)
+    inputs = capture_block_inputs(model, batches)
+    output = None
+    for block in blocks:
+        with store.holding(block):
+            for i, inp in enumerate(inputs):
+                with autocast_to(block, compute_dtype), chunked_causal_attention():
+                    output = block(*inp.args, **inp.kwargs)
+                inputs[i] = _next_input(inp, output)
+                output = _shaped_like(output, None) if isinstance(output, (tuple, list)) else None
+        return_free_heap()
+    with store.holding(head_modules(model)):
+        for inp in inputs:
+            yield logits_after_blocks(model, inp.hidden, output, compute_dtype)
 
 
 @torch.inference_mode()

@@ -10,9 +10,6 @@ the output units of one layer (the ``fisher`` factorization metric).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
-
 import torch
 from torch import nn
 
@@ -20,7 +17,7 @@ from compressor import distributed
 from compressor.attention import chunked_causal_attention
 from compressor.device import model_device
 from compressor.evaluate import next_token_nll
-from compressor.pipeline import BlockInput, capture_block_inputs, outside_blocks
+from compressor.pipeline import BlockInput, capture_block_inputs, head_modules, hidden_of, logits_after_blocks
 from compressor.precision import autocast_to
 from compressor.progress import track
 from compressor.residency import return_free_heap
@@ -43,46 +40,6 @@ def _with_grad_allowed(value):
     if isinstance(value, dict):
         return {k: _with_grad_allowed(v) for k, v in value.items()}
     return value
-
-
-def _hidden_of(output) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def _shaped_like(template, hidden: torch.Tensor):
-    """A block's output with ``hidden`` as its hidden states, in the form the block returns them."""
-    if isinstance(template, tuple):
-        return (hidden, *template[1:])
-    if isinstance(template, list):
-        return [hidden, *template[1:]]
-    return hidden
-
-
-@contextlib.contextmanager
-def _blocks_skipped(blocks: nn.ModuleList, last_output: Callable[[], object]) -> Iterator[None]:
-    """Run the model with its blocks replaced: each passes its input through unchanged, the last
-    returns ``last_output()``. What the model does after its blocks (final norm, head) then runs on
-    hidden states computed elsewhere, without the blocks' weights."""
-    saved = [block.__dict__.get("forward") for block in blocks]
-    last = len(blocks) - 1
-
-    def passing(index: int):
-        def forward(*args, **kwargs):
-            if index == last:
-                return last_output()
-            return args[0] if args else kwargs["hidden_states"]
-
-        return forward
-
-    for i, block in enumerate(blocks):
-        block.forward = passing(i)
-    try:
-        yield
-    finally:
-        for block, original in zip(blocks, saved):
-            del block.forward
-            if original is not None:
-                block.forward = original
 
 
 def _groups(batches: list[torch.Tensor], per_batch: int) -> list[list[torch.Tensor]]:
@@ -158,17 +115,16 @@ def _fisher_group(model, blocks, store, group, device, compute_dtype, template) 
             with store.holding(block), chunked_causal_attention(), autocast_to(block, compute_dtype):
                 outputs = [block(*inp.with_hidden(h).args, **inp.with_hidden(h).kwargs) for inp, h in zip(inputs, hidden)]
             template[0] = outputs[0]
-            hidden = [_hidden_of(out) for out in outputs]
+            hidden = [hidden_of(out) for out in outputs]
             outputs = None
             return_free_heap()
     # The loss's gradient at the last block's output, for each batch.
     grads = []
-    with store.holding(outside_blocks(model, head=True)):
+    with store.holding(head_modules(model)):
         for batch, last in zip(group, hidden):
             leaf = last.detach().requires_grad_()
-            with _blocks_skipped(blocks, lambda leaf=leaf: _shaped_like(template[0], leaf)), torch.enable_grad():
-                with autocast_to(model, compute_dtype):
-                    logits = model(input_ids=batch.to(device), use_cache=False).logits
+            with torch.enable_grad():
+                logits = logits_after_blocks(model, leaf, template[0], compute_dtype)
                 # in the logits' own dtype: under autocast they already are bfloat16
                 loss = next_token_nll(logits, batch.to(device))
                 del logits
@@ -184,7 +140,7 @@ def _fisher_group(model, blocks, store, group, device, compute_dtype, template) 
                 h = saved[index][b].detach().requires_grad_()
                 with torch.enable_grad():
                     with chunked_causal_attention(), autocast_to(block, compute_dtype):
-                        out = _hidden_of(block(*inp.with_hidden(h).args, **inp.with_hidden(h).kwargs))
+                        out = hidden_of(block(*inp.with_hidden(h).args, **inp.with_hidden(h).kwargs))
                     out.backward(grads[b])
                 grads[b] = h.grad
                 del out, h

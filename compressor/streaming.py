@@ -24,7 +24,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compressor.errors import InvalidInputError, NumericalError
 from compressor.residency import release
+
+READ_CHUNK_BYTES = 32 << 20  # of a tensor read from a checkpoint at a time
 
 log = logging.getLogger(__name__)
 
@@ -97,22 +100,45 @@ class StreamedWeights(InMemoryWeights):
                     self._name_of.setdefault(id(p), name)
         self._files: dict[Path, object] = {}
 
-    def _read(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
+    def _header(self, path: Path):
+        header = self._files.get(path)
+        if header is None:
+            from compressor.formats.safetensors_header import read_safetensors_header
+
+            header = self._files[path] = read_safetensors_header(path)
+        return header
+
+    def _read(self, name: str, device: torch.device | None = None) -> torch.Tensor:
+        """The tensor, read with plain file reads (no mapping of the file, whose pages would count
+        against the process as they are touched) a slice of rows at a time, each slice cast into
+        the result on ``device``: the peak is the result plus one slice."""
+        from compressor.formats.writer import dtype_of_code
 
         path, key = self._keys[name]
-        handle = self._files.get(path)
-        if handle is None:
-            handle = self._files[path] = safe_open(str(path), framework="pt")
-        tensor = handle.get_tensor(key)
-        if tensor.is_floating_point():
-            tensor = tensor.to(device=self.device, dtype=self.dtype)
-            if not bool(torch.isfinite(tensor).all()):
-                from compressor.errors import NumericalError
-
-                raise NumericalError(f"{self.source or path.parent} holds NaN or Inf in {key}")
-            return tensor
-        return tensor.to(self.device)
+        entry = self._header(path).tensors[key]
+        stored = dtype_of_code(entry.dtype)
+        floating = stored.is_floating_point
+        device = self.device if device is None else device
+        result = torch.empty(entry.shape, dtype=self.dtype if floating else stored, device=device)
+        flat = result.view(-1)
+        width = torch.empty((), dtype=stored).element_size()
+        step = max(1, READ_CHUNK_BYTES // width)
+        buffer = torch.empty(min(step, max(flat.numel(), 1)), dtype=stored)
+        with open(path, "rb", buffering=0) as f:
+            f.seek(self._header(path).data_start + entry.begin)
+            for start in range(0, flat.numel(), step):
+                part = buffer[: min(step, flat.numel() - start)]
+                view = memoryview(part.view(torch.uint8).numpy())
+                got = 0
+                while got < len(view):
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise InvalidInputError(f"{path} ends inside tensor {key}")
+                    got += n
+                flat[start : start + part.numel()].copy_(part)
+        if floating and not bool(torch.isfinite(result).all()):
+            raise NumericalError(f"{self.source or path.parent} holds NaN or Inf in {key}")
+        return result
 
     def _set(self, holders: list[tuple[nn.Module, str]], value: nn.Parameter) -> None:
         for module, attr in holders:
@@ -156,11 +182,7 @@ class StreamedWeights(InMemoryWeights):
         """The checkpoint's tensor for parameter ``name`` (as a writer names it), on the CPU."""
         if name not in self._keys:
             raise ValueError(f"{name} is on the meta device and not in {self.source or 'the checkpoint'}")
-        device, self.device = self.device, torch.device("cpu")
-        try:
-            return self._read(name)
-        finally:
-            self.device = device
+        return self._read(name, torch.device("cpu"))
 
     def close(self) -> None:
         self._files.clear()

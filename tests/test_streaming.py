@@ -143,3 +143,19 @@ def test_nan_in_a_streamed_weight_is_refused_when_read(nan_llama_dir, text_file,
     with pytest.raises(NumericalError, match="NaN or Inf"):
         api.factorize(str(nan_llama_dir), FactorizeOptions(0.5), _calibration(text_file), output=tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2"])
+def test_streamed_perplexity_matches_in_memory(request, kind, small_text_file, monkeypatch):
+    import compressor.evaluate as evaluate
+
+    tiny = request.getfixturevalue(f"tiny_{kind}")
+    groups = []
+    real = evaluate._streamed_nll
+    monkeypatch.setattr(evaluate, "_streamed_nll", lambda *a: groups.append(a) or real(*a))
+    monkeypatch.setattr(evaluate, "STREAMED_GROUP_BYTES", 1)  # several groups of windows
+    streamed = api.evaluate(str(tiny.path), small_text_file, seq_len=16, batch_size=2, device="cpu")
+    assert len(groups) == 1  # the streamed path ran
+    whole = api.evaluate(load_model(str(tiny.path)), small_text_file, seq_len=16, batch_size=2, device="cpu")
+    assert streamed.windows == whole.windows > 2
+    assert streamed.perplexity == pytest.approx(whole.perplexity, rel=1e-5)

@@ -1,7 +1,8 @@
 """Input Gram matrices XᵀX of target modules, accumulated over calibration batches.
 
 Modules fed the very same input tensor (q/k/v, gate/up) share one Gram. Each batch's
-XᵀX is summed into a float64 accumulator; activations are never all held in memory. The
+XᵀX is summed into a float64 accumulator (float32 for bfloat16 products: :func:`_sum_dtype`);
+activations are never all held in memory. The
 product itself runs in the pass's precision: under bfloat16 autocast (active in these hooks)
 the batch's rows are cast to bfloat16 once and the product is a bfloat16 product, rounded to
 8 significant bits per batch (``benchmarks/gram_precision.py`` measures what that does to the
@@ -34,6 +35,7 @@ class Gram:
     _upper: torch.Tensor | None = field(default=None, repr=False)  # CPU: the upper block triangle
     _device_sum: torch.Tensor | None = field(default=None, repr=False)
     _matrix: torch.Tensor | None = field(default=None, repr=False)
+    _freed: bool = field(default=False, repr=False)
 
     def add(self, x: torch.Tensor) -> None:
         rows = x.detach().reshape(-1, x.shape[-1])
@@ -47,7 +49,7 @@ class Gram:
             return
         if self._upper is None:
             with torch.inference_mode(False):  # a normal tensor, so that `matrix` may fill it in place
-                self._upper = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+                self._upper = torch.zeros(self.dim, self.dim, dtype=_sum_dtype(rows.dtype))
         step = self._block_width
         left = rows.T  # transposed in the product itself: a contiguous copy was measured slower
         for i in range(0, self.dim, step):
@@ -60,13 +62,15 @@ class Gram:
 
     @property
     def matrix(self) -> torch.Tensor:
-        """The full symmetric XᵀX, float64, on the CPU (built once until more rows are added).
+        """The full symmetric XᵀX on the CPU, float64 (float32 where the products were 16-bit: :func:`_sum_dtype`) (built once until more rows are added).
 
         On the CPU this is the accumulator itself, its lower blocks filled in from the upper ones
         in place: no second dim×dim matrix and no temporaries of that size (the three of them took
         ~75 MB at a time for a 1536-wide input). So: never modify it, and read it again after
         adding rows (a matrix read before is then out of date, and no longer symmetric).
         """
+        if self._freed:
+            raise RuntimeError(f"the Gram of {', '.join(self.modules)} was freed")
         if self._matrix is not None:
             return self._matrix
         if self._upper is None:
@@ -82,6 +86,11 @@ class Gram:
         return total
 
 
+    def free(self) -> None:
+        """Let the accumulator go (the Gram is done with; reading ``matrix`` afterwards is an error)."""
+        self._upper = self._device_sum = self._matrix = None
+        self._freed = True
+
     def sum_across_processes(self) -> None:
         """Under torchrun, make this Gram the sum of every process's (each saw its own windows)."""
         from compressor import distributed
@@ -91,6 +100,13 @@ class Gram:
         total = distributed.sum_(self.matrix)
         self.tokens = distributed.sum_int(self.tokens)
         self._upper, self._device_sum, self._matrix = total, None, total
+
+
+def _sum_dtype(product: torch.dtype) -> torch.dtype:
+    """The CPU accumulator's dtype: float32 for 16-bit products, whose 2⁻⁹ rounding per batch a
+    float32 sum (2⁻²⁴ per addition) cannot make worse, and half the memory of float64 (268 MB
+    rather than 537 MB for an 8192-wide input); float64 for float32 products."""
+    return torch.float32 if product in (torch.bfloat16, torch.float16) else torch.float64
 
 
 def _product_dtype(device_type: str) -> torch.dtype:

@@ -42,6 +42,14 @@ _DTYPES = {
 }
 
 
+def dtype_of_code(code: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype code (``BF16`` → torch.bfloat16)."""
+    for dtype, name in _DTYPES.items():
+        if name == code:
+            return dtype
+    raise ValueError(f"safetensors dtype {code} has no torch dtype")
+
+
 def save_file(tensors: Mapping[str, torch.Tensor], filename: str | os.PathLike[str], metadata: Mapping[str, str] | None = None) -> None:
     """Write ``tensors`` as a safetensors file, reading and releasing one tensor at a time.
 
