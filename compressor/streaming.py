@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import weakref
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from compressor.errors import InvalidInputError, NumericalError
-from compressor.residency import release
+from compressor.residency import release, return_free_heap
 
 READ_CHUNK_BYTES = 32 << 20  # of a tensor read from a checkpoint at a time
 
@@ -61,7 +62,7 @@ class InMemoryWeights:
         finally:
             self._let_go(modules, loaded)
 
-    def read_for_writing(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    def read_for_writing(self, name: str, tensor: torch.Tensor) -> Iterator[torch.Tensor]:
         raise ValueError(f"{name} is on the meta device: it has no data to write")
 
 
@@ -108,26 +109,24 @@ class StreamedWeights(InMemoryWeights):
             header = self._files[path] = read_safetensors_header(path)
         return header
 
-    def _read(self, name: str, device: torch.device | None = None) -> torch.Tensor:
-        """The tensor, read with plain file reads (no mapping of the file, whose pages would count
-        against the process as they are touched) a slice of rows at a time, each slice cast into
-        the result on ``device``: the peak is the result plus one slice."""
+    def _chunks(self, name: str, dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
+        """The flattened tensor, read with plain file reads (no mapping of the file, whose pages
+        would count against the process once touched) and checked finite, a slice of
+        READ_CHUNK_BYTES at a time; floating-point slices cast to ``dtype`` (default: the store's).
+        Each slice is only valid until the next is read."""
         from compressor.formats.writer import dtype_of_code
 
         path, key = self._keys[name]
-        entry = self._header(path).tensors[key]
+        header = self._header(path)
+        entry = header.tensors[key]
         stored = dtype_of_code(entry.dtype)
-        floating = stored.is_floating_point
-        device = self.device if device is None else device
-        result = torch.empty(entry.shape, dtype=self.dtype if floating else stored, device=device)
-        flat = result.view(-1)
-        width = torch.empty((), dtype=stored).element_size()
-        step = max(1, READ_CHUNK_BYTES // width)
-        buffer = torch.empty(min(step, max(flat.numel(), 1)), dtype=stored)
+        total = math.prod(entry.shape)
+        step = max(1, READ_CHUNK_BYTES // torch.empty((), dtype=stored).element_size())
+        buffer = torch.empty(min(step, max(total, 1)), dtype=stored)
         with open(path, "rb", buffering=0) as f:
-            f.seek(self._header(path).data_start + entry.begin)
-            for start in range(0, flat.numel(), step):
-                part = buffer[: min(step, flat.numel() - start)]
+            f.seek(header.data_start + entry.begin)
+            for start in range(0, total, step):
+                part = buffer[: min(step, total - start)]
                 view = memoryview(part.view(torch.uint8).numpy())
                 got = 0
                 while got < len(view):
@@ -135,9 +134,28 @@ class StreamedWeights(InMemoryWeights):
                     if not n:
                         raise InvalidInputError(f"{path} ends inside tensor {key}")
                     got += n
-                flat[start : start + part.numel()].copy_(part)
-        if floating and not bool(torch.isfinite(result).all()):
-            raise NumericalError(f"{self.source or path.parent} holds NaN or Inf in {key}")
+                if stored.is_floating_point:
+                    if not bool(torch.isfinite(part).all()):
+                        raise NumericalError(f"{self.source or path.parent} holds NaN or Inf in {key}")
+                    yield part.to(dtype or self.dtype)
+                else:
+                    yield part
+
+    def _read(self, name: str, device: torch.device | None = None) -> torch.Tensor:
+        """The tensor on ``device`` (default: the store's), in the store's dtype if floating: the
+        peak is the result plus one slice (:meth:`_chunks`)."""
+        from compressor.formats.writer import dtype_of_code
+
+        path, key = self._keys[name]
+        entry = self._header(path).tensors[key]
+        stored = dtype_of_code(entry.dtype)
+        result = torch.empty(entry.shape, dtype=self.dtype if stored.is_floating_point else stored,
+                             device=self.device if device is None else device)
+        flat = result.view(-1)
+        start = 0
+        for part in self._chunks(name):
+            flat[start : start + part.numel()].copy_(part)
+            start += part.numel()
         return result
 
     def _set(self, holders: list[tuple[nn.Module, str]], value: nn.Parameter) -> None:
@@ -170,6 +188,7 @@ class StreamedWeights(InMemoryWeights):
         self._drop(loaded)
 
     def _drop(self, parameters: list[nn.Parameter]) -> None:
+        dropped = 0
         for p in parameters:
             if p.device.type == "meta" or id(p) not in self._name_of or id(p) not in self._holders:
                 continue
@@ -177,12 +196,16 @@ class StreamedWeights(InMemoryWeights):
             empty = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
             self._name_of[id(empty)] = self._name_of.pop(id(p))
             self._set(holders, empty)
+            dropped += 1
+        if dropped:
+            return_free_heap()  # the weights' memory back to the system, not kept between live blocks
 
-    def read_for_writing(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """The checkpoint's tensor for parameter ``name`` (as a writer names it), on the CPU."""
+    def read_for_writing(self, name: str, tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The checkpoint's tensor for parameter ``name`` (as a writer names it), flattened, in
+        slices of ``tensor``'s dtype: written out without the whole tensor ever in memory."""
         if name not in self._keys:
             raise ValueError(f"{name} is on the meta device and not in {self.source or 'the checkpoint'}")
-        return self._read(name, torch.device("cpu"))
+        return self._chunks(name, tensor.dtype)
 
     def close(self) -> None:
         self._files.clear()

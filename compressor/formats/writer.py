@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 import contextvars
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -73,11 +73,17 @@ def save_file(tensors: Mapping[str, torch.Tensor], filename: str | os.PathLike[s
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name, t in items:
-            if t.device.type == "meta":  # a streamed model's weight, still in its checkpoint
+            if t.device.type == "meta":  # a streamed model's weight, still in its checkpoint: copied over a slice at a time
                 reader = _META_READER.get()
                 if reader is None:
                     raise ValueError(f"{name} is on the meta device: it has no data to write")
-                t = reader(name, t)
+                written = 0
+                for part in reader(name, t):
+                    f.write(part.contiguous().view(torch.uint8).numpy().data)
+                    written += part.numel()
+                if written != t.numel():
+                    raise ValueError(f"{name}: read {written} values of {t.numel()}")
+                continue
             data = t.detach().to("cpu").contiguous().view(-1)
             step = max(1, WRITE_CHUNK_BYTES // data.element_size())
             for start in range(0, data.numel(), step):
@@ -87,19 +93,19 @@ def save_file(tensors: Mapping[str, torch.Tensor], filename: str | os.PathLike[s
             release([t])  # where `data` is a copy, the pages it was read from
 
 
-_META_READER: contextvars.ContextVar[Callable[[str, torch.Tensor], torch.Tensor] | None] = contextvars.ContextVar(
+_META_READER: contextvars.ContextVar[Callable[[str, torch.Tensor], Iterable[torch.Tensor]] | None] = contextvars.ContextVar(
     "compress_meta_reader", default=None
 )
 
 
 @contextmanager
-def releasing_writer(meta_reader: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> Iterator[None]:
+def releasing_writer(meta_reader: Callable[[str, torch.Tensor], Iterable[torch.Tensor]] | None = None) -> Iterator[None]:
     """Have transformers' ``save_pretrained`` write its shards with :func:`save_file`.
 
     Only the name transformers calls is swapped, for the duration; if a release of transformers
     stops calling it, saving still works, with safetensors' own writer. ``meta_reader(name,
     tensor)``: the data of a tensor on the meta device (a streamed model's weight, read from its
-    checkpoint one at a time as the shards are written).
+    checkpoint a slice at a time as the shards are written).
     """
     from transformers import modeling_utils
 
