@@ -172,12 +172,14 @@ def _decompose_block(
     def decompose(names: list[str]) -> dict[str, Decomposition]:
         mine = [t for t in targets if t.name in set(names)]
         # Only a matrix with more outputs than inputs needs the whitening root (whitened_decomposition).
-        roots = gram_roots(grams, [t.name for t in mine if t.shape[0] > t.shape[1]], dtype)
+        roots = gram_roots(grams, [t.name for t in mine if t.shape[0] > t.shape[1] and not grams[t.name].of_outputs], dtype)
         found = {}
         for i, t in enumerate(mine):
+            gram = grams[t.name]
             found[t.name] = whitened_decomposition(
                 t.weight(),
-                gram=grams[t.name].matrix,
+                gram=None if gram.of_outputs else gram.matrix,
+                output_gram=gram.matrix if gram.of_outputs else None,
                 root=roots.get(t.name),
                 scale=None if scales is None else scales[t.name],
                 values_only=values_only,
@@ -226,7 +228,8 @@ def decompose_all(
     dtype = decomposition_dtype(compute_dtype)
     store = weights_of(model)
     for step in iterate_blocks(model, batches, targets, "calibrating, decomposing", compute_dtype):
-        grams = step.collect_grams(block_final=True)  # the next block's inputs are made: weights only for the math now
+        # the next block's inputs are made: weights only for the math now
+        grams = step.collect_grams(block_final=True, outputs_where_narrower=True)
         made = _decompose_block(step.targets, grams, scales, values_only, dtype=dtype, done=lambda t: store.unload(t.module))
         for name, d in made.items():
             shape = next(t.shape for t in step.targets if t.name == name)
@@ -281,7 +284,7 @@ def factor_targets(
         factored = [t for t in step.targets if by_name[t.name].rank is not None]
         ranks = {t.name: by_name[t.name].rank for t in factored}
         if factored:  # a block whose targets all stay dense needs no statistics
-            grams = step.collect_grams(only=factored)
+            grams = step.collect_grams(only=factored, outputs_where_narrower=True)
             factor(factored, _decompose_block(factored, grams, scales, keep=ranks, dtype=dtype, done=lambda t: None))
     return errors
 

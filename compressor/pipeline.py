@@ -135,12 +135,17 @@ class BlockStep:
             raise RuntimeError(f"block {self.index} has already produced the next block's inputs")
 
     @torch.inference_mode()
-    def collect_grams(self, block_final: bool = False, only: list[Target] | None = None) -> dict[str, Gram]:
+    def collect_grams(
+        self, block_final: bool = False, only: list[Target] | None = None, outputs_where_narrower: bool = False
+    ) -> dict[str, Gram]:
         """The targets' input Grams (``only``: of these targets alone). ``block_final``: the caller
         will not change the block, so the outputs of this very pass become the next block's inputs
-        (one forward instead of two)."""
+        (one forward instead of two). ``outputs_where_narrower``: for a target with fewer outputs
+        than inputs, the Gram of its outputs instead (:class:`GramCollector`)."""
         self._check_not_advanced()
-        with GramCollector({t.name: t.module for t in (self.targets if only is None else only)}) as collector:
+        chosen = self.targets if only is None else only
+        narrower = [t.name for t in chosen if t.shape[0] < t.shape[1]] if outputs_where_narrower else []
+        with GramCollector({t.name: t.module for t in chosen}, outputs_of=narrower) as collector:
             for i, inp in enumerate(self.inputs):
                 out = self._run(inp)
                 if block_final:

@@ -414,9 +414,9 @@ def test_sequential_leaves_dense_targets_and_all_dense_blocks_alone(tiny_llama, 
     collected = []
     collector = pipeline.GramCollector
 
-    def spy(modules):
+    def spy(modules, **kwargs):
         collected.extend(modules)
-        return collector(modules)
+        return collector(modules, **kwargs)
 
     monkeypatch.setattr(pipeline, "GramCollector", spy)
     errors = factor_targets(model, targets, plan, None, calibration)

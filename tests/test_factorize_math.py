@@ -223,3 +223,31 @@ def test_float32_decomposition_is_near_the_float64_optimum(out_features):
         optimum = exact.discarded(rank)
         # never below the float64 optimum, and above it by float32 rounding only
         assert optimum * (1 - 1e-9) <= measured.item() <= optimum * (1 + 1e-4) + 1e-9 * top**2
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_output_gram_gives_the_decomposition_of_the_input_gram(weighted):
+    """Y = X·Wᵀ: from YᵀY alone (no XᵀX, no W·S), the same spectrum and the same optimal factors,
+    whose calibration error is the discarded energy, with or without the Fisher output weights."""
+    torch.manual_seed(3)
+    w = torch.randn(6, 16, dtype=torch.float64)
+    x = torch.randn(40, 16, dtype=torch.float64) @ torch.randn(16, 16, dtype=torch.float64)
+    scale = torch.rand(6, dtype=torch.float64) + 0.5 if weighted else None
+    y = x @ w.T
+    from_inputs = whitened_decomposition(w, gram=x.T @ x, scale=scale)
+    from_outputs = whitened_decomposition(w, output_gram=y.T @ y, scale=scale)
+    torch.testing.assert_close(from_outputs.sv, from_inputs.sv, rtol=1e-9, atol=1e-9)
+    d = torch.ones(6, dtype=torch.float64) if scale is None else scale
+    for rank in (1, 3, 5):
+        b, a = from_outputs.factors(w, rank, torch.float64)
+        b_ref, a_ref = from_inputs.factors(w, rank, torch.float64)
+        torch.testing.assert_close(b @ a, b_ref @ a_ref, rtol=1e-8, atol=1e-8)
+        error = float((d[:, None] * (w - b @ a) @ x.T).square().sum())
+        assert error == pytest.approx(from_outputs.discarded(rank), rel=1e-8)
+
+
+def test_an_output_gram_of_the_wrong_size_or_for_a_tall_matrix_is_refused():
+    with pytest.raises(ValueError, match="output Gram"):
+        whitened_decomposition(torch.randn(4, 8), output_gram=torch.eye(5))
+    with pytest.raises(ValueError, match="output Gram"):
+        whitened_decomposition(torch.randn(8, 4), output_gram=torch.eye(8))

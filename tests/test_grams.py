@@ -235,3 +235,19 @@ def test_products_follow_the_pass_precision():
 
     assert relative(plain.matrix) < 1e-5  # float32 sums of 1024 products
     assert 1e-4 < relative(lowered.matrix) < 2 ** -7  # rounded to 8 significant bits, no worse
+
+
+def test_output_gram_takes_the_bias_off_and_equals_w_g_wt():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(12, 5, bias=True)
+    with torch.no_grad():
+        layer.bias.normal_(0, 1.0)
+    x = torch.randn(3, 7, 12)
+    with GramCollector({"narrow": layer}, outputs_of=["narrow"]) as collector, torch.no_grad():
+        layer(x[:2])
+        layer(x[2:])
+    gram = collector.grams["narrow"]
+    assert gram.of_outputs and gram.dim == 5 and gram.tokens == 21
+    rows = x.reshape(-1, 12).double()
+    w = layer.weight.detach().double()
+    torch.testing.assert_close(gram.matrix, w @ rows.T @ rows @ w.T, rtol=1e-5, atol=1e-5)

@@ -88,9 +88,11 @@ def whitened_decomposition(
     values_only: bool = False,
     keep: int | None = None,
     dtype: torch.dtype = torch.float64,
+    output_gram: torch.Tensor | None = None,
 ) -> Decomposition:
     """Decompose M = W·S, or D·W·S with ``scale`` = diag(D) > 0; pass the Gram G = XᵀX, an already
-    computed root S (shared by q/k/v), or both. ``values_only``: the spectrum without singular vectors;
+    computed root S (shared by q/k/v), or both; or, for out ≤ in, ``output_gram`` = W·G·Wᵀ (the Gram
+    of the outputs X·Wᵀ), which is M·Mᵀ itself for D = I. ``values_only``: the spectrum without singular vectors;
     ``keep``: only the leading singular vectors up to that rank (the spectrum stays whole).
 
     Computed from the eigendecomposition of the smaller of M·Mᵀ and MᵀM, 3-6x faster than an SVD of
@@ -103,8 +105,8 @@ def whitened_decomposition(
     entries carry 2⁻⁹ relative rounding (eigenvalues then err by ~1e-7·σ₁², the products by far
     more). The singular values come back in float64 either way.
     """
-    if root is None and gram is None:
-        raise ValueError("whitened_decomposition needs a gram or its root")
+    if root is None and gram is None and output_gram is None:
+        raise ValueError("whitened_decomposition needs a gram, its root or the output Gram")
     w = _check_finite(weight.detach().to("cpu", dtype), "weight")
     if scale is not None:
         scale = _check_finite(scale.to("cpu", torch.float64), "output scale")
@@ -112,6 +114,14 @@ def whitened_decomposition(
             raise ValueError(f"output scale must be {w.shape[0]} positive values")
         w = scale[:, None].to(dtype) * w
     out, inp = w.shape
+    if output_gram is not None:
+        if out > inp or output_gram.shape != (out, out):
+            raise ValueError(f"an output Gram serves a matrix with out ≤ in, of shape ({out}, {out}); got {tuple(output_gram.shape)}")
+        left = _check_finite(output_gram.to("cpu", dtype), "output Gram")
+        if scale is not None:
+            d = scale.to(dtype)
+            left = d[:, None] * left * d[None, :]
+        return _from_left_gram(left, scale, values_only, keep)
     if out <= inp and gram is not None:
         g = _check_finite(gram.to("cpu", dtype), "Gram matrix")
         left = w @ g @ w.T
