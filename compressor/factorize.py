@@ -229,7 +229,7 @@ def decompose_all(
     store = weights_of(model)
     for step in iterate_blocks(model, batches, targets, "calibrating, decomposing", compute_dtype):
         # the next block's inputs are made: weights only for the math now
-        grams = step.collect_grams(block_final=True, outputs_where_narrower=True)
+        grams = step.collect_grams(block_final=True)
         made = _decompose_block(step.targets, grams, scales, values_only, dtype=dtype, done=lambda t: store.unload(t.module))
         for name, d in made.items():
             shape = next(t.shape for t in step.targets if t.name == name)
@@ -284,7 +284,7 @@ def factor_targets(
         factored = [t for t in step.targets if by_name[t.name].rank is not None]
         ranks = {t.name: by_name[t.name].rank for t in factored}
         if factored:  # a block whose targets all stay dense needs no statistics
-            grams = step.collect_grams(only=factored, outputs_where_narrower=True)
+            grams = step.collect_grams(only=factored)
             factor(factored, _decompose_block(factored, grams, scales, keep=ranks, dtype=dtype, done=lambda t: None))
     return errors
 
