@@ -115,6 +115,7 @@ class StreamedWeights(InMemoryWeights):
         READ_CHUNK_BYTES at a time; floating-point slices cast to ``dtype`` (default: the store's).
         Each slice is only valid until the next is read."""
         from compressor.formats.writer import dtype_of_code
+        from compressor.math.spectra import all_finite
 
         path, key = self._keys[name]
         header = self._header(path)
@@ -135,7 +136,7 @@ class StreamedWeights(InMemoryWeights):
                         raise InvalidInputError(f"{path} ends inside tensor {key}")
                     got += n
                 if stored.is_floating_point:
-                    if not bool(torch.isfinite(part).all()):
+                    if not all_finite(part):
                         raise NumericalError(f"{self.source or path.parent} holds NaN or Inf in {key}")
                     yield part.to(dtype or self.dtype)
                 else:

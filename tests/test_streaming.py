@@ -159,3 +159,16 @@ def test_streamed_perplexity_matches_in_memory(request, kind, small_text_file, m
     whole = api.evaluate(load_model(str(tiny.path)), small_text_file, seq_len=16, batch_size=2, device="cpu")
     assert streamed.windows == whole.windows > 2
     assert streamed.perplexity == pytest.approx(whole.perplexity, rel=1e-5)
+
+
+@pytest.mark.gpu
+def test_streamed_on_cuda_matches_in_memory_on_cuda(tiny_qwen2, text_file, tmp_path):
+    options = FactorizeOptions(0.5, sequential=True, calib_dtype="float32")
+    streamed = api.factorize(str(tiny_qwen2.path), options, _calibration(text_file), output=tmp_path / "s", device="cuda")
+    whole = api.factorize(load_model(str(tiny_qwen2.path)), options, _calibration(text_file), output=tmp_path / "w", device="cuda")
+    assert streamed.outcome.plan.ranks == whole.outcome.plan.ranks
+    _assert_same_checkpoint(tmp_path / "s", tmp_path / "w")
+    a = api.evaluate(str(tmp_path / "s"), text_file, seq_len=16, max_windows=4, device="cuda")
+    b = api.evaluate(str(tiny_qwen2.path), text_file, seq_len=16, max_windows=4, device="cuda")
+    c = api.evaluate(str(tiny_qwen2.path), text_file, seq_len=16, max_windows=4, device="cpu")
+    assert a.perplexity > 0 and b.perplexity == pytest.approx(c.perplexity, rel=1e-3)
