@@ -27,22 +27,27 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     if match is None or (match.group(2) is not None and match.group(1) != "cuda"):
         raise UsageError(f"unknown --device {spec!r}: use {DEVICE_HELP}")
     kind, index = match.group(1), match.group(2)
-    if kind == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        local = os.environ.get("LOCAL_RANK")
-        if local is not None and local.isdigit() and int(local) < torch.cuda.device_count():
-            return torch.device("cuda", int(local))
-        return torch.device("cuda", torch.cuda.current_device())
+    if kind == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
     if kind == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise UsageError(f"--device {spec}: torch sees no CUDA device here (torch {torch.__version__}); use --device cpu")
     count = torch.cuda.device_count()
-    number = torch.cuda.current_device() if index is None else int(index)
+    number = _default_cuda_index(count) if index is None else int(index)
     if number >= count:
         raise UsageError(f"--device {spec}: there {'is' if count == 1 else 'are'} only {count} CUDA device{'s' if count != 1 else ''} (0-{count - 1})")
     return torch.device("cuda", number)
+
+
+def _default_cuda_index(count: int) -> int:
+    """The process's own GPU under torchrun (``LOCAL_RANK``), else the current one."""
+    from compressor.distributed import launched
+
+    local = os.environ.get("LOCAL_RANK", "")
+    if launched() and local.isdigit() and int(local) < count:
+        return int(local)
+    return torch.cuda.current_device()
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
