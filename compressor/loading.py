@@ -336,12 +336,23 @@ def _load_folder(path: Path, dtype: torch.dtype, source: str, allow_pickle: bool
     return LoadedModel(model, tokenizer, source, path)
 
 
+STREAM_MIN_BYTES = 1 << 30
+
+
+def stream_min_bytes() -> int:
+    """Models smaller than this in their compute dtype load whole even where streaming was asked
+    for: they fit, and reading each block from disk once per pass costs time (SmolLM2's factorize,
+    0.5 GB: 66 s streamed, 56 s whole). ``COMPRESS_STREAM_MIN_BYTES`` overrides (0: always stream)."""
+    value = os.environ.get("COMPRESS_STREAM_MIN_BYTES", "").strip()
+    return int(value) if value.isdigit() else STREAM_MIN_BYTES
+
+
 def _streamed(path: Path, dtype: torch.dtype, tensors: dict) -> tuple[nn.Module, object] | None:
     """(skeleton, tokenizer) of a streamed model, when :func:`load_model` was asked for one and the
     checkpoint's tensors are exactly the model's parameters by name and shape (else None: the
     model loads whole, through transformers' own renaming rules and strict report)."""
     device = _STREAM_TO.get()
-    if device is None:
+    if device is None or _held(tensors)[1] * torch.empty((), dtype=dtype).element_size() < stream_min_bytes():
         return None
     from accelerate import init_empty_weights
 

@@ -25,7 +25,16 @@ from compressor.streaming import weights_of
 from compressor.targets import Target, find_blocks
 
 
-FISHER_GROUP_BYTES = 256 << 20  # the blocks' saved inputs of one group of windows, at most (one window always fits)
+# For a streamed model, the blocks' saved inputs of one group of windows may take as much memory as
+# one block's weights (a pass holds those anyway; each group reads every block from disk twice), and
+# at least this much. A model in memory takes one window at a time: its blocks cost nothing to rerun.
+FISHER_GROUP_BYTES = 64 << 20
+
+
+def _group_budget(model: nn.Module, blocks: nn.ModuleList) -> int:
+    if not weights_of(model).streamed:
+        return 0
+    return max(FISHER_GROUP_BYTES, sum(p.numel() * p.element_size() for p in blocks[0].parameters()))
 
 
 def _with_grad_allowed(value):
@@ -42,8 +51,8 @@ def _with_grad_allowed(value):
     return value
 
 
-def _groups(batches: list[torch.Tensor], per_batch: int) -> list[list[torch.Tensor]]:
-    size = max(1, FISHER_GROUP_BYTES // max(per_batch, 1))
+def _groups(batches: list[torch.Tensor], per_batch: int, budget: int) -> list[list[torch.Tensor]]:
+    size = max(1, budget // max(per_batch, 1))
     return [batches[i : i + size] for i in range(0, len(batches), size)]
 
 
@@ -59,7 +68,7 @@ def output_fisher(
     block's inputs, the loss's gradient is taken at the last block's output (the model's head
     run on it), then each block, last to first, is loaded again, recomputed from its saved input
     and back-propagated. Only one block's weights and activations are held at a time, plus the
-    blocks' inputs for a group of windows (FISHER_GROUP_BYTES). ``compute_dtype``: autocast the
+    blocks' inputs for a group of windows (:func:`_group_budget`). ``compute_dtype``: autocast the
     passes to it (bfloat16 is 3x faster on CPUs that have it and changes the estimate by well
     under 1 %). Under torchrun each process takes its share of ``batches`` and the sums are added.
     """
@@ -91,7 +100,7 @@ def output_fisher(
             config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
             width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 4096
             per_batch = int(mine[0].numel()) * int(width) * 4 * len(blocks)  # float32 hidden states, every block
-            for group in track(_groups(mine, per_batch), description="output sensitivities"):
+            for group in track(_groups(mine, per_batch, _group_budget(model, blocks)), description="output sensitivities"):
                 tokens += _fisher_group(model, blocks, store, group, device, compute_dtype, template)
                 return_free_heap()
     finally:

@@ -23,7 +23,8 @@ def _free_port() -> int:
 
 
 def _compress(args: list[str], processes: int, cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "COMPRESS_STREAM_MIN_BYTES": "0"}  # streamed, as a big model would be
     if processes == 1:
         command = [sys.executable, "-m", "compressor", *args]
     else:

@@ -16,6 +16,21 @@ from compressor.targets import find_blocks
 KINDS = ["llama", "qwen2", "gpt2", "bert"]
 
 
+@pytest.fixture(autouse=True)
+def _stream_every_model(monkeypatch):
+    """The tiny models are far below the size from which models stream by default."""
+    monkeypatch.setenv("COMPRESS_STREAM_MIN_BYTES", "0")
+
+
+def test_models_below_the_streaming_size_load_whole(tiny_llama, monkeypatch):
+    monkeypatch.delenv("COMPRESS_STREAM_MIN_BYTES")
+    assert not load_model(str(tiny_llama.path), streamed_to=torch.device("cpu")).streamed
+    monkeypatch.setenv("COMPRESS_STREAM_MIN_BYTES", str(10**9))
+    assert not load_model(str(tiny_llama.path), streamed_to=torch.device("cpu")).streamed
+    monkeypatch.setenv("COMPRESS_STREAM_MIN_BYTES", "1000")
+    assert load_model(str(tiny_llama.path), streamed_to=torch.device("cpu")).streamed
+
+
 def _calibration(text_file) -> CalibrationOptions:
     return CalibrationOptions(str(text_file), samples=6, seq_len=24)
 
