@@ -27,6 +27,7 @@ from compressor.precision import resolve_calib_dtype
 from compressor.options import CalibrationOptions, CompensateOptions, FactorizeOptions, check_calib_dtype, check_target
 from compressor.options import QuantizeOptions
 from compressor.progress import track
+from compressor.residency import return_free_heap
 from compressor.streaming import materialized
 from compressor.targets import Target, select_targets
 
@@ -136,7 +137,9 @@ def calibrate(loaded: LoadedModel, options: CalibrationOptions, *, calib_dtype: 
     # Generating text runs the whole model for every token: a streamed model is held whole meanwhile.
     whole = materialized(loaded.model) if options.spec == "self" else contextlib.nullcontext()
     with whole:
-        return load_calibration(options, loaded.tokenizer, loaded.model, compute_dtype=compute_dtype)
+        windows = load_calibration(options, loaded.tokenizer, loaded.model, compute_dtype=compute_dtype)
+    return_free_heap()  # what tokenizing the whole text took (0.13 GB for WikiText-2 validation)
+    return windows
 
 
 @dataclass

@@ -263,10 +263,10 @@ def factor_targets(
             for t in planned:
                 rank = by_name[t.name].rank
                 d = decs[t.name]
-                factors[t.name] = d.factors(t.weight(), rank, t.module.weight.dtype)
+                factors[t.name] = d.factors(t.weight(), rank, store.dtype_of(t.module))
                 errors[t.name] = d.discarded(rank)
                 release([d.u, *([] if d.vh is None else [d.vh])])
-            apply_factors(model, factors)
+            apply_factors(model, factors, dtype=store.dtype_of(planned[0].module) if planned else None)
         if spill is not None:
             for name in factors:
                 module = model.get_submodule(name)

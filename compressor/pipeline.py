@@ -193,7 +193,7 @@ def iterate_blocks(
     last = max(by_block, default=-1)
     store = weights_of(model)
     for index in track(range(last + 1), description=description):
-        with store.holding(blocks[index]):  # read again, if at all, in the next pass
+        with store.holding(blocks[index], compute_dtype):  # read again, if at all, in the next pass
             step = BlockStep(index, blocks[index], by_block.get(index, []), inputs, compute_dtype)
             if step.targets:
                 yield step

@@ -121,7 +121,7 @@ def _fisher_group(model, blocks, store, group, device, compute_dtype, template) 
     with torch.no_grad():
         for block in blocks:
             saved.append(hidden)
-            with store.holding(block), chunked_causal_attention(), autocast_to(block, compute_dtype):
+            with store.holding(block, compute_dtype), chunked_causal_attention(), autocast_to(block, compute_dtype):
                 outputs = [block(*inp.with_hidden(h).args, **inp.with_hidden(h).kwargs) for inp, h in zip(inputs, hidden)]
             template[0] = outputs[0]
             hidden = [hidden_of(out) for out in outputs]
@@ -144,7 +144,7 @@ def _fisher_group(model, blocks, store, group, device, compute_dtype, template) 
     # Each block again, last to first: recomputed from its saved input, then back-propagated.
     for index in range(len(blocks) - 1, -1, -1):
         block = blocks[index]
-        with store.holding(block):
+        with store.holding(block, compute_dtype):
             for b, inp in enumerate(inputs):
                 h = saved[index][b].detach().requires_grad_()
                 with torch.enable_grad():

@@ -39,9 +39,15 @@ class InMemoryWeights:
 
     streamed = False
 
-    def load(self, modules: nn.Module | Iterable[nn.Module]) -> list[nn.Parameter]:
-        """Make ``modules``' weights present; returns the parameters that were not."""
+    def load(self, modules: nn.Module | Iterable[nn.Module], matmul_dtype: torch.dtype | None = None) -> list[nn.Parameter]:
+        """Make ``modules``' weights present; returns the parameters that were not. ``matmul_dtype``:
+        the dtype autocast will multiply in, if any (:class:`StreamedWeights` then may keep linear
+        layers' weights in it, where the checkpoint holds them so)."""
         return []
+
+    def dtype_of(self, module: nn.Module) -> torch.dtype:
+        """The dtype of the model's weights, as a factor replacing ``module``'s weight should have."""
+        return module.weight.dtype
 
     def unload(self, modules: nn.Module | Iterable[nn.Module]) -> None:
         for module in _as_list(modules):
@@ -51,13 +57,13 @@ class InMemoryWeights:
         self.unload(modules)
 
     @contextlib.contextmanager
-    def holding(self, modules: nn.Module | Iterable[nn.Module]) -> Iterator[None]:
+    def holding(self, modules: nn.Module | Iterable[nn.Module], matmul_dtype: torch.dtype | None = None) -> Iterator[None]:
         """Within the block, ``modules``' weights are in memory; afterwards what this call read is
         let go (what an enclosing ``holding`` read stays for it)."""
         modules = _as_list(modules)
         loaded: list[nn.Parameter] = []
         try:
-            loaded = self.load(modules)
+            loaded = self.load(modules, matmul_dtype)
             yield
         finally:
             self._let_go(modules, loaded)
@@ -142,19 +148,19 @@ class StreamedWeights(InMemoryWeights):
                 else:
                     yield part
 
-    def _read(self, name: str, device: torch.device | None = None) -> torch.Tensor:
-        """The tensor on ``device`` (default: the store's), in the store's dtype if floating: the
-        peak is the result plus one slice (:meth:`_chunks`)."""
+    def _read(self, name: str, device: torch.device | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor on ``device`` (default: the store's), in ``dtype`` (default: the store's) if
+        floating: the peak is the result plus one slice (:meth:`_chunks`)."""
         from compressor.formats.writer import dtype_of_code
 
         path, key = self._keys[name]
         entry = self._header(path).tensors[key]
         stored = dtype_of_code(entry.dtype)
-        result = torch.empty(entry.shape, dtype=self.dtype if stored.is_floating_point else stored,
+        result = torch.empty(entry.shape, dtype=(dtype or self.dtype) if stored.is_floating_point else stored,
                              device=self.device if device is None else device)
         flat = result.view(-1)
         start = 0
-        for part in self._chunks(name):
+        for part in self._chunks(name, dtype):
             flat[start : start + part.numel()].copy_(part)
             start += part.numel()
         return result
@@ -164,21 +170,39 @@ class StreamedWeights(InMemoryWeights):
             module._parameters[attr] = value
         self._holders[id(value)] = holders
 
-    def load(self, modules: nn.Module | Iterable[nn.Module]) -> list[nn.Parameter]:
+    def load(self, modules: nn.Module | Iterable[nn.Module], matmul_dtype: torch.dtype | None = None) -> list[nn.Parameter]:
+        """Read ``modules``' parameters that are on the meta device. A linear layer's weight and bias
+        stored in ``matmul_dtype`` (bfloat16 autocast over a bfloat16 checkpoint) stay in it: autocast
+        would multiply the very same values, and the block takes half the memory, without autocast's
+        own copies of its weights. Everything else is read in the model's dtype."""
+        from compressor.targets import is_linear
+
         loaded = []
         for module in _as_list(modules):
-            for p in list(module.parameters()):
-                if p.device.type != "meta":
-                    continue
-                name = self._name_of.get(id(p))
-                if name is None:
-                    raise RuntimeError(f"a parameter of shape {tuple(p.shape)} has no tensor in the checkpoint")
-                value = nn.Parameter(self._read(name), requires_grad=False)
-                holders = self._holders.pop(id(p))
-                self._name_of[id(value)] = self._name_of.pop(id(p))
-                self._set(holders, value)
-                loaded.append(value)
+            for sub in module.modules():
+                as_stored = matmul_dtype is not None and matmul_dtype != self.dtype and is_linear(sub)
+                for p in list(sub._parameters.values()):
+                    if p is None or p.device.type != "meta":
+                        continue
+                    name = self._name_of.get(id(p))
+                    if name is None:
+                        raise RuntimeError(f"a parameter of shape {tuple(p.shape)} has no tensor in the checkpoint")
+                    dtype = matmul_dtype if as_stored and self._stored_dtype(name) == matmul_dtype else None
+                    value = nn.Parameter(self._read(name, dtype=dtype), requires_grad=False)
+                    holders = self._holders.pop(id(p))
+                    self._name_of[id(value)] = self._name_of.pop(id(p))
+                    self._set(holders, value)
+                    loaded.append(value)
         return loaded
+
+    def _stored_dtype(self, name: str) -> torch.dtype:
+        from compressor.formats.writer import dtype_of_code
+
+        path, key = self._keys[name]
+        return dtype_of_code(self._header(path).tensors[key].dtype)
+
+    def dtype_of(self, module: nn.Module) -> torch.dtype:
+        return self.dtype
 
     def unload(self, modules: nn.Module | Iterable[nn.Module]) -> None:
         """Back to the meta device: only the parameters this store read (a factor made meanwhile,
@@ -194,7 +218,8 @@ class StreamedWeights(InMemoryWeights):
             if p.device.type == "meta" or id(p) not in self._name_of or id(p) not in self._holders:
                 continue
             holders = self._holders.pop(id(p))
-            empty = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
+            dtype = self.dtype if p.is_floating_point() else p.dtype  # the model's, whatever it was read in
+            empty = nn.Parameter(torch.empty(p.shape, dtype=dtype, device="meta"), requires_grad=False)
             self._name_of[id(empty)] = self._name_of.pop(id(p))
             self._set(holders, empty)
             dropped += 1

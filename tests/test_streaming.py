@@ -187,3 +187,31 @@ def test_streamed_on_cuda_matches_in_memory_on_cuda(tiny_qwen2, text_file, tmp_p
     b = api.evaluate(str(tiny_qwen2.path), text_file, seq_len=16, max_windows=4, device="cuda")
     c = api.evaluate(str(tiny_qwen2.path), text_file, seq_len=16, max_windows=4, device="cpu")
     assert a.perplexity > 0 and b.perplexity == pytest.approx(c.perplexity, rel=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "gpt2"])  # q/k/v biases; Conv1D
+def test_a_bfloat16_checkpoint_streamed_under_bfloat16_autocast_matches_in_memory(request, kind, text_file, tmp_path, tokenizer):
+    """Its linear layers stay in bfloat16 while held (the values autocast multiplies anyway); the
+    result, written in float32, equals the float32 model loaded whole."""
+    tiny = request.getfixturevalue(f"tiny_{kind}")
+    folder = tmp_path / "bf16"
+    tiny.model.to(torch.bfloat16).save_pretrained(folder)
+    tiny.model.to(torch.float32)
+    tokenizer.save_pretrained(folder)
+    options = FactorizeOptions(0.5, sequential=True, calib_dtype="bfloat16")
+    seen = []
+    loaded = load_model(str(folder), streamed_to=torch.device("cpu"))
+    assert loaded.streamed
+    _, blocks = find_blocks(loaded.model)
+
+    def spy(module, args, kwargs):
+        seen.extend(p.dtype for n, p in module.named_parameters() if n.endswith(("proj.weight", "c_fc.weight", "c_attn.weight")))
+
+    handle = blocks[0].register_forward_pre_hook(spy, with_kwargs=True)
+    streamed = api.factorize(loaded, options, _calibration(text_file), output=tmp_path / "s")
+    handle.remove()
+    assert torch.bfloat16 in seen  # the block really was held in bfloat16
+    whole = api.factorize(load_model(str(folder)), options, _calibration(text_file), output=tmp_path / "w")
+    assert streamed.outcome.plan.ranks == whole.outcome.plan.ranks
+    _assert_same_checkpoint(tmp_path / "s", tmp_path / "w")
+    assert all(t.dtype == torch.float32 for t in _tensors(tmp_path / "s").values())

@@ -186,10 +186,13 @@ def _tied_parameter_names(model: nn.Module) -> dict[int, list[str]]:
     return {k: v for k, v in names.items() if len(v) > 1}
 
 
-def apply_factors(model: nn.Module, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+def apply_factors(
+    model: nn.Module, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype | None = None
+) -> None:
     """Replace each named nn.Linear / Conv1D by a FactoredLinear holding (B [out, r], A [r, in]).
 
-    Factors are cast to the replaced weight's dtype and device; the bias is kept. Everything is
+    Factors are cast to ``dtype`` (default: the replaced weight's) on the weight's device; the bias
+    is kept (cast to ``dtype`` where it differs). Everything is
     checked before the first module changes, so an error leaves the model untouched. A weight tied
     to another parameter (e.g. an LM head tied to the embeddings) is refused: factoring it would
     silently untie the two.
@@ -211,9 +214,12 @@ def apply_factors(model: nn.Module, factors: Mapping[str, tuple[torch.Tensor, to
             others = [n for n in tied[id(old.weight)] if n != f"{name}.weight"]
             raise ValueError(f"{name}.weight is tied to {', '.join(others)}; a tied weight cannot be factored")
         w = old.weight
-        new = FactoredLinear.from_factors(b.to(dtype=w.dtype, device=w.device), a, transposed_origin=conv1d)
+        new = FactoredLinear.from_factors(b.to(dtype=dtype or w.dtype, device=w.device), a, transposed_origin=conv1d)
         if old.bias is not None:
-            new.bias = old.bias  # the very same parameter, untouched
+            if dtype is None or old.bias.dtype == dtype:
+                new.bias = old.bias  # the very same parameter, untouched
+            else:
+                new.bias = nn.Parameter(old.bias.detach().to(dtype), requires_grad=old.bias.requires_grad)
         new.train(old.training)
         replacements[name] = new
     for name, new in replacements.items():
