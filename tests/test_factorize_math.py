@@ -251,3 +251,13 @@ def test_an_output_gram_of_the_wrong_size_or_for_a_tall_matrix_is_refused():
         whitened_decomposition(torch.randn(4, 8), output_gram=torch.eye(5))
     with pytest.raises(ValueError, match="output Gram"):
         whitened_decomposition(torch.randn(8, 4), output_gram=torch.eye(8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_output_scale_never_changes_the_callers_weight(dtype):
+    w, x = _random_problem()
+    w = w.to(dtype)
+    before = w.clone()
+    whitened_decomposition(w, gram=(x.T @ x).to(dtype), scale=torch.rand(w.shape[0], dtype=torch.float64) + 0.5, dtype=dtype)
+    whitened_decomposition(w.t().contiguous().t(), gram=(x.T @ x).to(dtype), scale=torch.rand(w.shape[0], dtype=torch.float64) + 0.5, dtype=dtype)
+    assert torch.equal(w, before)
