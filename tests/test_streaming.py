@@ -36,7 +36,12 @@ def _calibration(text_file) -> CalibrationOptions:
 
 
 def _tensors(folder) -> dict[str, torch.Tensor]:
-    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+    # transformers 5.0 writes a BERT loaded whole under the legacy LayerNorm names it was read from
+    # (gamma, beta); both name sets load the same
+    def canonical(key: str) -> str:
+        return key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+
+    return {canonical(k): v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
 def _assert_same_checkpoint(a, b) -> None:
