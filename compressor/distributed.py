@@ -115,8 +115,3 @@ def split_work(names: Sequence[str], make: Callable[[list[str]], dict[str, T]]) 
     for part in gathered:
         merged.update(part or {})
     return {name: merged[name] for name in names}
-
-
-def barrier() -> None:
-    if active():
-        dist.barrier()

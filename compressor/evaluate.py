@@ -14,6 +14,7 @@ from compressor.attention import chunked_causal_attention
 from compressor.device import model_device
 from compressor.errors import InvalidInputError, NumericalError, UsageError
 from compressor.progress import track
+from compressor.streaming import is_streamed
 
 
 @dataclass(frozen=True)
@@ -60,11 +61,9 @@ STREAMED_GROUP_BYTES = 256 << 20  # hidden states of the windows that go through
 def _streamed_nll(model, windows: torch.Tensor, batch_size: int) -> float:
     """Summed NLL of a streamed model (:mod:`compressor.streaming`): groups of windows go through the
     blocks together, each block read once per group (:func:`logits_block_by_block`)."""
-    from compressor.pipeline import logits_block_by_block
+    from compressor.pipeline import hidden_width, logits_block_by_block
 
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 4096
-    per_window = windows.shape[1] * int(width) * 4
+    per_window = windows.shape[1] * hidden_width(model) * 4
     group = max(batch_size, STREAMED_GROUP_BYTES // per_window // batch_size * batch_size)
     device = model_device(model)
     total = 0.0
@@ -97,8 +96,6 @@ def perplexity(
     windows = eval_windows(ids, seq_len, max_windows)
     start = time.perf_counter()
     total = 0.0
-    from compressor.streaming import is_streamed
-
     if is_streamed(model):
         total = _streamed_nll(model, windows, batch_size)
     else:

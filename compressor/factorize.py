@@ -188,7 +188,6 @@ def _decompose_block(
             )
             if done is not None:
                 done(t)
-                gram = grams[t.name]
                 if not any(grams[later.name] is gram for later in mine[i + 1 :]):
                     gram.free()  # its last module is decomposed: its memory goes before the next one's work
         return found

@@ -247,8 +247,6 @@ def _from_pretrained(
 ):
     """transformers' loading, strict: what it reports missing, unexpected or mismatched is refused.
     ``held`` (the weight files' tensor count and number of values) bounds the model the config may describe."""
-
-
     from compressor.formats.checkpoint import loading_problems
 
     config = read_model_config(where, **kwargs)
@@ -352,19 +350,19 @@ def _streamed(path: Path, dtype: torch.dtype, tensors: dict) -> tuple[nn.Module,
     checkpoint's tensors are exactly the model's parameters by name and shape (else None: the
     model loads whole, through transformers' own renaming rules and strict report)."""
     device = _STREAM_TO.get()
-    if device is None or _held(tensors)[1] * torch.empty((), dtype=dtype).element_size() < stream_min_bytes():
+    held = _held(tensors)
+    if device is None or held[1] * torch.empty((), dtype=dtype).element_size() < stream_min_bytes():
         return None
     from accelerate import init_empty_weights
+    from safetensors import safe_open
 
     from compressor.streaming import StreamedWeights, attach, checkpoint_keys
-
-    from safetensors import safe_open
 
     config = read_model_config(path)
     auto = model_class(config, causal=is_causal_architecture(config))
     build = getattr(auto, "from_config", None) or auto._from_config
     try:
-        _refuse_oversized(config, auto, path, _held(tensors))
+        _refuse_oversized(config, auto, path, held)
         for name in sorted({t.file for t in tensors.values()}):
             with safe_open(str(path / name), framework="pt"):  # the library's own checks, before any pass
                 pass

@@ -55,6 +55,12 @@ def _model_kwargs(model: nn.Module) -> dict:
     return {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
 
 
+def hidden_width(model: nn.Module) -> int:
+    """The width of the hidden states between blocks (``hidden_size``, GPT-2's ``n_embd``)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 4096)
+
+
 def outside_blocks(model: nn.Module, head: bool = False) -> list[nn.Module]:
     """The modules with weights of their own outside the transformer blocks (embeddings, final
     norm; with ``head``, the output embedding too, which the passes before the blocks never read
@@ -271,18 +277,19 @@ def logits_block_by_block(model: nn.Module, batches: list[torch.Tensor], compute
     _, blocks = find_blocks(model)
     store = weights_of(model)
     inputs = capture_block_inputs(model, batches)
-    output = None
+    form = None  # the form of a block's output, its hidden states left out (they live in ``inputs``)
     for block in blocks:
         with store.holding(block):
             for i, inp in enumerate(inputs):
                 with autocast_to(block, compute_dtype), chunked_causal_attention():
                     output = block(*inp.args, **inp.kwargs)
                 inputs[i] = _next_input(inp, output)
-                output = _shaped_like(output, None) if isinstance(output, (tuple, list)) else None
+                form = _shaped_like(output, None)
+                output = None
         return_free_heap()
     with store.holding(head_modules(model)):
         for inp in inputs:
-            yield logits_after_blocks(model, inp.hidden, output, compute_dtype)
+            yield logits_after_blocks(model, inp.hidden, form, compute_dtype)
 
 
 @torch.inference_mode()

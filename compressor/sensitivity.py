@@ -17,7 +17,7 @@ from compressor import distributed
 from compressor.attention import chunked_causal_attention
 from compressor.device import model_device
 from compressor.evaluate import next_token_nll
-from compressor.pipeline import BlockInput, capture_block_inputs, head_modules, hidden_of, logits_after_blocks
+from compressor.pipeline import BlockInput, capture_block_inputs, head_modules, hidden_of, hidden_width, logits_after_blocks
 from compressor.precision import autocast_to
 from compressor.progress import track
 from compressor.residency import return_free_heap
@@ -97,9 +97,7 @@ def output_fisher(
         for p in model.parameters():
             p.requires_grad_(False)
         if mine:
-            config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-            width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 4096
-            per_batch = int(mine[0].numel()) * int(width) * 4 * len(blocks)  # float32 hidden states, every block
+            per_batch = int(mine[0].numel()) * hidden_width(model) * 4 * len(blocks)  # float32 hidden states, every block
             for group in track(_groups(mine, per_batch, _group_budget(model, blocks)), description="output sensitivities"):
                 tokens += _fisher_group(model, blocks, store, group, device, compute_dtype, template)
                 return_free_heap()

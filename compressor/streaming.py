@@ -233,9 +233,6 @@ class StreamedWeights(InMemoryWeights):
             raise ValueError(f"{name} is on the meta device and not in {self.source or 'the checkpoint'}")
         return self._chunks(name, tensor.dtype)
 
-    def close(self) -> None:
-        self._files.clear()
-
 
 _stores: weakref.WeakKeyDictionary[nn.Module, InMemoryWeights] = weakref.WeakKeyDictionary()
 _IN_MEMORY = InMemoryWeights()

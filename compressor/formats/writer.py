@@ -10,12 +10,11 @@ of 8), then the tensors' bytes at the offsets the header gives.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import struct
-from collections.abc import Iterable, Iterator, Mapping
-import contextvars
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
