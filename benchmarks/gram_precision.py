@@ -47,7 +47,7 @@ def main() -> None:
         rows -= mean.to(torch.float32)
         tool_add(self, rows)
         root = mean * n**0.5
-        self._upper.addr_(root, root)  # all of it: `matrix` overwrites the lower blocks from the upper ones
+        self._upper.add_gram(root[None, :].to(self._upper.dtype))  # + n·meanᵀ·mean
 
     def float32_add(self, x: torch.Tensor) -> None:
         with torch.autocast("cpu", enabled=False):

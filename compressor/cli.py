@@ -122,9 +122,10 @@ def _running() -> Iterator[None]:
     for name in _NOISY_LOGGERS:  # before the imports that make them speak
         logging.getLogger(name).setLevel(logging.ERROR)
     from compressor.loading import allowing_pickle
-    from compressor.residency import bound_kernel_caches
+    from compressor.residency import bound_kernel_caches, fix_mmap_threshold
 
     bound_kernel_caches()  # before the process's first bfloat16 product
+    fix_mmap_threshold()
     import transformers
 
     transformers.utils.logging.set_verbosity_error()

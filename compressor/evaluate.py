@@ -83,7 +83,16 @@ def next_token_nll(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "su
     (``reduction="none"``: 0 there), so the logits are never copied. On the CPU the
     (batch, vocab, seq) layout of a transposed call is 3x slower and, in float32, sums up to
     4e-5 low over a 49k vocabulary (``benchmarks/cpu_ops.py``)."""
-    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+    return labelled_nll(logits, next_token_labels(ids), reduction)
+
+
+def next_token_labels(ids: torch.Tensor) -> torch.Tensor:
+    """What each position predicts: the next token; -100 (ignored) at the last."""
+    return torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+
+
+def labelled_nll(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Cross-entropy of ``logits`` [batch, seq, vocab] against ``labels`` [batch, seq] (-100: ignored)."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction=reduction)
 
 

@@ -161,24 +161,29 @@ def _decompose_block(
     keep: dict[str, int] | None = None,
     dtype: torch.dtype = torch.float64,
     done: Callable[[Target], None] | None = None,
+    kept: Callable[[Decomposition, Target], Decomposition] | None = None,
 ) -> dict[str, Decomposition]:
     """``keep``: per target, the highest rank whose singular vectors are needed (default: all that
     can save parameters); ``dtype``: of the whitened decompositions. ``done(target)``: called once a
     target is decomposed, after which its weight is not read here again, and each Gram is freed
-    after its last module (the caller needs neither any more)."""
+    after its last module (the caller needs neither any more). ``kept``: what to keep of each
+    decomposition, applied as soon as it is made.
+
+    The targets with the widest Grams go first: their Grams (an 8192-wide down_proj's is most
+    of a LLaMA-1B block's) are let go before the others' decompositions need memory of their own."""
     if grams is None:
         return {t.name: svd_decomposition(t.weight()) for t in targets}
 
     def decompose(names: list[str]) -> dict[str, Decomposition]:
-        mine = [t for t in targets if t.name in set(names)]
+        mine = sorted((t for t in targets if t.name in set(names)), key=lambda t: -grams[t.name].dim)
         # Only a matrix with more outputs than inputs needs the whitening root (whitened_decomposition).
         roots = gram_roots(grams, [t.name for t in mine if t.shape[0] > t.shape[1] and not grams[t.name].of_outputs], dtype)
         found = {}
         for i, t in enumerate(mine):
             gram = grams[t.name]
-            found[t.name] = whitened_decomposition(
+            made = whitened_decomposition(
                 t.weight(),
-                gram=None if gram.of_outputs else gram.matrix,
+                gram=None if gram.of_outputs else gram.packed,
                 output_gram=gram.matrix if gram.of_outputs else None,
                 root=roots.get(t.name),
                 scale=None if scales is None else scales[t.name],
@@ -186,14 +191,22 @@ def _decompose_block(
                 keep=allocate.max_factored_rank(t.shape) if keep is None else keep[t.name],
                 dtype=dtype,
             )
+            found[t.name] = made if keep_now is None else keep_now(made, t)
+            del made
             if done is not None:
                 done(t)
                 if not any(grams[later.name] is gram for later in mine[i + 1 :]):
                     gram.free()  # its last module is decomposed: its memory goes before the next one's work
         return found
 
-    # Under torchrun each process decomposes its share of the block's targets; all get every result.
-    return distributed.split_work([t.name for t in targets], decompose)
+    # Under torchrun each process decomposes its share of the block's targets; all get every
+    # result, and each keeps them after the gathering (a spilled tensor arrives as a copy).
+    keep_now = None if distributed.active() else kept
+    found = distributed.split_work([t.name for t in targets], decompose)
+    if kept is not None and keep_now is None:
+        by_name = {t.name: t for t in targets}
+        found = {name: kept(d, by_name[name]) for name, d in found.items()}
+    return found
 
 
 def decompose_all(
@@ -212,27 +225,27 @@ def decompose_all(
     forward passes; ``spill``: where the singular vectors go, instead of staying in memory
     (SmolLM2's take 0.33 GB)."""
 
-    def kept(d: Decomposition, shape: tuple[int, int]) -> Decomposition:
-        d = d.truncated(allocate.max_factored_rank(shape), torch.float32)
+    def kept(d: Decomposition, target: Target) -> Decomposition:
+        d = d.truncated(allocate.max_factored_rank(target.shape), torch.float32)
         return d if spill is None else d.held_by(spill)
 
     if calibration is None:
         found = {}
         for t in track(targets, description="decomposing"):
             with weights_of(model).holding(t.module):
-                found[t.name] = kept(svd_decomposition(t.weight()), t.shape)
+                found[t.name] = kept(svd_decomposition(t.weight()), t)
         return found
     decompositions = {}
     batches = calibration.batches(CALIBRATION_BATCH)
     dtype = decomposition_dtype(compute_dtype)
     store = weights_of(model)
-    for step in iterate_blocks(model, batches, targets, "calibrating, decomposing", compute_dtype):
+    for step in iterate_blocks(model, batches, targets, "calibrating, decomposing", compute_dtype, spill):
         # the next block's inputs are made: weights only for the math now
         grams = step.collect_grams(block_final=True)
-        made = _decompose_block(step.targets, grams, scales, values_only, dtype=dtype, done=lambda t: store.unload(t.module))
-        for name, d in made.items():
-            shape = next(t.shape for t in step.targets if t.name == name)
-            decompositions[name] = kept(d, shape)
+        decompositions.update(
+            _decompose_block(step.targets, grams, scales, values_only, dtype=dtype, done=lambda t: store.unload(t.module), kept=kept)
+        )
+        del grams
     return decompositions
 
 
@@ -279,7 +292,7 @@ def factor_targets(
         return errors
     batches = calibration.batches(CALIBRATION_BATCH)
     dtype = decomposition_dtype(compute_dtype)
-    for step in iterate_blocks(model, batches, targets, "sequential factoring", compute_dtype):
+    for step in iterate_blocks(model, batches, targets, "sequential factoring", compute_dtype, spill):
         factored = [t for t in step.targets if by_name[t.name].rank is not None]
         ranks = {t.name: by_name[t.name].rank for t in factored}
         if factored:  # a block whose targets all stay dense needs no statistics

@@ -16,7 +16,7 @@ from torch import nn
 from compressor import distributed
 from compressor.attention import chunked_causal_attention
 from compressor.device import model_device
-from compressor.evaluate import next_token_nll
+from compressor.evaluate import labelled_nll, next_token_labels
 from compressor.pipeline import BlockInput, capture_block_inputs, head_modules, hidden_of, hidden_width, logits_after_blocks
 from compressor.precision import autocast_to
 from compressor.progress import track
@@ -29,6 +29,7 @@ from compressor.targets import Target, find_blocks
 # one block's weights (a pass holds those anyway; each group reads every block from disk twice), and
 # at least this much. A model in memory takes one window at a time: its blocks cost nothing to rerun.
 FISHER_GROUP_BYTES = 64 << 20
+HEAD_POSITIONS = 128  # positions of a window whose loss gradient is taken at a time
 
 
 def _group_budget(model: nn.Module, blocks: nn.ModuleList) -> int:
@@ -127,17 +128,24 @@ def _fisher_group(model, blocks, store, group, device, compute_dtype, template) 
             return_free_heap()
     # The loss's gradient at the last block's output, for each batch.
     grads = []
-    with store.holding(head_modules(model)):
+    with store.holding(head_modules(model), compute_dtype):  # the output embedding as stored, under autocast
         for batch, last in zip(group, hidden):
             leaf = last.detach().requires_grad_()
-            with torch.enable_grad():
-                logits = logits_after_blocks(model, leaf, template[0], compute_dtype)
-                # in the logits' own dtype: under autocast they already are bfloat16
-                loss = next_token_nll(logits, batch.to(device))
-                del logits
-                loss.backward()
+            labels = next_token_labels(batch.to(device))
+            # HEAD_POSITIONS positions at a time: the logits over a large vocabulary, their
+            # float32 log-probabilities and gradients for a whole window (100 MB each for 512 × 49152)
+            # are the pass's largest tensors. Positions are independent after the blocks, so
+            # the summed gradients are the same.
+            for start in range(0, leaf.shape[1], HEAD_POSITIONS):
+                part = slice(start, start + HEAD_POSITIONS)
+                with torch.enable_grad():
+                    logits = logits_after_blocks(model, leaf[:, part], template[0], compute_dtype)
+                    loss = labelled_nll(logits, labels[:, part])
+                    del logits
+                    loss.backward()
+                del loss
             grads.append(leaf.grad)
-            del loss, leaf
+            del leaf
     hidden = None
     # Each block again, last to first: recomputed from its saved input, then back-propagated.
     for index in range(len(blocks) - 1, -1, -1):

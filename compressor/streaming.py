@@ -180,13 +180,18 @@ class StreamedWeights(InMemoryWeights):
         loaded = []
         for module in _as_list(modules):
             for sub in module.modules():
-                as_stored = matmul_dtype is not None and matmul_dtype != self.dtype and is_linear(sub)
                 for p in list(sub._parameters.values()):
                     if p is None or p.device.type != "meta":
                         continue
                     name = self._name_of.get(id(p))
                     if name is None:
                         raise RuntimeError(f"a parameter of shape {tuple(p.shape)} has no tensor in the checkpoint")
+                    # a tied embedding is held as the output layer it also is
+                    as_stored = (
+                        matmul_dtype is not None
+                        and matmul_dtype != self.dtype
+                        and any(is_linear(holder) for holder, _ in self._holders[id(p)])
+                    )
                     dtype = matmul_dtype if as_stored and self._stored_dtype(name) == matmul_dtype else None
                     value = nn.Parameter(self._read(name, dtype=dtype), requires_grad=False)
                     holders = self._holders.pop(id(p))

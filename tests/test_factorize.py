@@ -16,6 +16,7 @@ from compressor.loading import load_model
 from compressor.errors import InvalidInputError, OutOfResourcesError, UsageError
 from compressor.pipeline import collect_grams_whole_model
 from compressor.precision import resolve_calib_dtype
+from compressor import sensitivity
 from compressor.sensitivity import fisher_scale, output_fisher
 from compressor.targets import find_blocks, select_targets
 
@@ -295,10 +296,12 @@ def _direct_fisher(model, target, batches) -> torch.Tensor:
     return total / tokens
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
-def test_output_fisher_matches_a_direct_gradient(request, text_file, kind):
+@pytest.mark.parametrize("kind,head_positions", [("llama", 128), ("qwen2", 128), ("gpt2", 128), ("llama", 5), ("gpt2", 6)])
+def test_output_fisher_matches_a_direct_gradient(request, text_file, kind, head_positions, monkeypatch):
     """The block-by-block backward pass (forward keeping block inputs, the head's gradient, each
-    block recomputed last to first) equals autograd through the whole model, for every target."""
+    block recomputed last to first) equals autograd through the whole model, for every target;
+    also with the head's loss taken a few positions at a time (HEAD_POSITIONS below the window)."""
+    monkeypatch.setattr(sensitivity, "HEAD_POSITIONS", head_positions)
     tiny = request.getfixturevalue(f"tiny_{kind}")
     model = _fresh(tiny)
     targets = select_targets(model)

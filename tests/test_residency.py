@@ -138,3 +138,15 @@ def test_kernel_caches_are_bounded_unless_the_environment_says_otherwise(monkeyp
 
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(KERNEL_CACHE_CAPACITY)
     assert os.environ["LRU_CACHE_CAPACITY"] == "7"
+
+
+def test_the_mmap_threshold_is_fixed_unless_the_environment_sets_it(monkeypatch):
+    import platform
+
+    from compressor.residency import fix_mmap_threshold
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert fix_mmap_threshold() is False  # the user's setting stands
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert fix_mmap_threshold() is True

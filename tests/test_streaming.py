@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from compressor import api
 from compressor.loading import load_model
 from compressor.options import CalibrationOptions, FactorizeOptions
+from compressor.pipeline import head_modules
 from compressor.streaming import is_streamed, weights_of
 from compressor.targets import find_blocks
 
@@ -77,6 +78,26 @@ def test_tied_weights_are_read_once_and_shared(tiny_gpt2):
     assert model.lm_head.weight.device.type == "meta"
 
 
+def test_a_tied_embedding_is_held_as_the_output_layer_it_also_is(tiny_gpt2, tmp_path, tokenizer):
+    """Under bfloat16 autocast the head's weight stays in the checkpoint's bfloat16 even where the
+    input embedding, which is not a linear layer, comes first; held for the embedding alone it is
+    read in the model's float32."""
+    folder = tmp_path / "bf16"
+    tiny_gpt2.model.to(torch.bfloat16).save_pretrained(folder)
+    tiny_gpt2.model.to(torch.float32)
+    tokenizer.save_pretrained(folder)
+    loaded = load_model(str(folder), streamed_to=torch.device("cpu"))
+    assert loaded.streamed
+    model = loaded.model
+    with weights_of(model).holding(head_modules(model), torch.bfloat16):
+        assert model.lm_head.weight is model.transformer.wte.weight
+        assert model.lm_head.weight.dtype == torch.bfloat16
+    with weights_of(model).holding(model.transformer.wte, torch.bfloat16):
+        assert model.transformer.wte.weight.dtype == torch.bfloat16  # tied: the output layer's dtype
+    with weights_of(model).holding(model.transformer.wpe, torch.bfloat16):
+        assert model.transformer.wpe.weight.dtype == torch.float32  # not a linear layer's weight
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_streamed_and_in_memory_factorize_write_the_same_checkpoint(request, kind, text_file, tmp_path):
     tiny = request.getfixturevalue(f"tiny_{kind}")
@@ -124,6 +145,9 @@ def test_a_streamed_run_holds_one_block_at_a_time(tiny_llama, text_file, tmp_pat
                 dense_others = [i for i in others if any(p.device.type != "meta" for n, p in blocks[i].named_parameters()
                                                          if not n.endswith(("weight_a", "weight_b", "bias")))]
                 assert not dense_others, f"block {index} runs while blocks {dense_others} are loaded"
+                hidden = args[0] if args else kwargs["hidden_states"]
+                if torch.is_inference_mode_enabled() and index == 1:  # the layer loop (not capture, not the Fisher pass)
+                    files.append(hidden.untyped_storage().filename)
                 seen.append(index)
 
             return hook
@@ -135,10 +159,14 @@ def test_a_streamed_run_holds_one_block_at_a_time(tiny_llama, text_file, tmp_pat
             for h in handles:
                 h.remove()
 
+    files: list[str | None] = []
     monkeypatch.setattr(factorize_module, "factorize_model", watching)
     monkeypatch.setattr("compressor.factorize.factorize_model", watching)
     api.factorize(str(tiny_llama.path), FactorizeOptions(0.5, sequential=True), _calibration(text_file), output=tmp_path / "o")
     assert set(seen) == {0, 1}
+    # the layer loop's hidden states live in files of the scratch folder, not in anonymous memory
+    assert files and all(f is not None and "spill" in f for f in files), files
+    assert not list(tmp_path.glob("*spill*"))  # the scratch folder is gone afterwards
 
 
 def test_a_checkpoint_that_does_not_map_onto_the_model_loads_whole(tiny_llama, tmp_path):

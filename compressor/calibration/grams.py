@@ -7,22 +7,24 @@ product itself runs in the pass's precision: under bfloat16 autocast (active in 
 the batch's rows are cast to bfloat16 once and the product is a bfloat16 product, rounded to
 8 significant bits per batch (``benchmarks/gram_precision.py`` measures what that does to the
 whitened spectra); outside autocast it is a float32 product.
-On the CPU only the upper block triangle is multiplied (GRAM_BLOCKS
-column blocks: 5/8 of a full product's work for 4 blocks), with torch's own BLAS. SciPy's
+On the CPU only the upper block triangle is multiplied and kept (GRAM_BLOCKS column blocks,
+:class:`compressor.math.symmetric.UpperPanels`: 9/16 of a full product's work and memory for 8
+blocks), with torch's own BLAS. SciPy's
 ``syrk`` does half the work, but its BLAS threads keep spinning after each call and halve
 the speed of the forward passes between them on a small machine (measured 2.2x slower).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-GRAM_BLOCKS = 4
+from compressor.math.symmetric import UpperPanels
+
+GRAM_BLOCKS = 8  # column blocks of the CPU accumulator: it holds 9/16 of the matrix
 
 
 @dataclass
@@ -33,7 +35,7 @@ class Gram:
     dim: int
     tokens: int = 0
     of_outputs: bool = False  # YᵀY of the module's outputs Y = X·Wᵀ, not XᵀX
-    _upper: torch.Tensor | None = field(default=None, repr=False)  # CPU: the upper block triangle
+    _upper: UpperPanels | None = field(default=None, repr=False)  # CPU: the upper block triangle
     _device_sum: torch.Tensor | None = field(default=None, repr=False)
     _matrix: torch.Tensor | None = field(default=None, repr=False)
     _freed: bool = field(default=False, repr=False)
@@ -50,43 +52,37 @@ class Gram:
             self._device_sum = product if self._device_sum is None else self._device_sum + product
             return
         if self._upper is None:
-            with torch.inference_mode(False):  # a normal tensor, so that `matrix` may fill it in place
-                self._upper = torch.zeros(self.dim, self.dim, dtype=_sum_dtype(rows.dtype))
-        step = self._block_width
-        left = rows.T  # transposed in the product itself: a contiguous copy was measured slower
-        for i in range(0, self.dim, step):
-            self._upper[i : i + step, i:] += left[i : i + step] @ rows[:, i:]
-
-    @property
-    def _block_width(self) -> int:
-        """Columns per block of the upper block triangle; `matrix` mirrors the same blocks."""
-        return math.ceil(self.dim / GRAM_BLOCKS)
+            self._upper = UpperPanels(self.dim, GRAM_BLOCKS, _sum_dtype(rows.dtype))
+        self._upper.add_gram(rows)
 
     @property
     def matrix(self) -> torch.Tensor:
         """The full symmetric XᵀX on the CPU, float64 (float32 where the products were 16-bit: :func:`_sum_dtype`) (built once until more rows are added).
 
-        On the CPU this is the accumulator itself, its lower blocks filled in from the upper ones
-        in place: no second dim×dim matrix and no temporaries of that size (the three of them took
-        ~75 MB at a time for a 1536-wide input). So: never modify it, and read it again after
-        adding rows (a matrix read before is then out of date, and no longer symmetric).
+        On the CPU this is built from the accumulator's panels, which then become views of it: no
+        second dim×dim matrix beside it. So: never modify it, and read it again after adding
+        rows (a matrix read before is then out of date, and no longer symmetric).
         """
         if self._freed:
             raise RuntimeError(f"the Gram of {', '.join(self.modules)} was freed")
         if self._matrix is not None:
             return self._matrix
-        if self._upper is None:
-            total = torch.zeros(self.dim, self.dim, dtype=torch.float64)
-        else:
-            total = self._upper
-            step = self._block_width
-            for i in range(0, self.dim, step):
-                total[i + step :, i : i + step] = total[i : i + step, i + step :].T
+        total = torch.zeros(self.dim, self.dim, dtype=torch.float64) if self._upper is None else self._upper.spread()
         if self._device_sum is not None:
             total = total + self._device_sum.cpu()
         self._matrix = total
         return total
 
+    @property
+    def packed(self) -> "torch.Tensor | UpperPanels":
+        """XᵀX as it is held: the panels of its upper block triangle (:class:`UpperPanels`, 9/16 of
+        the full matrix's memory) where the full matrix has not been built, else :attr:`matrix`.
+        :func:`compressor.math.factorize.whitened_decomposition` takes either."""
+        if self._freed:
+            raise RuntimeError(f"the Gram of {', '.join(self.modules)} was freed")
+        if self._matrix is None and self._device_sum is None and self._upper is not None:
+            return self._upper
+        return self.matrix
 
     def free(self) -> None:
         """Let the accumulator go (the Gram is done with; reading ``matrix`` afterwards is an error)."""
@@ -99,9 +95,13 @@ class Gram:
 
         if not distributed.active():
             return
-        total = distributed.sum_(self.matrix)
         self.tokens = distributed.sum_int(self.tokens)
-        self._upper, self._device_sum, self._matrix = total, None, total
+        if self._upper is not None and self._matrix is None and self._device_sum is None:
+            for panel in self._upper.panels:  # compact panels: summed as they are held
+                distributed.sum_(panel)
+            return
+        total = distributed.sum_(self.matrix)
+        self._upper, self._device_sum, self._matrix = UpperPanels.viewing(total, GRAM_BLOCKS), None, total
 
 
 def _sum_dtype(product: torch.dtype) -> torch.dtype:

@@ -20,6 +20,10 @@ import torch
 
 from compressor.errors import NumericalError
 from compressor.math.spectra import _check_finite, all_finite, gram_root
+from compressor.math.symmetric import UpperPanels
+
+
+FACTOR_ROWS = 1024  # output rows of a weight turned into factors at a time
 
 
 @dataclass
@@ -57,9 +61,17 @@ class Decomposition:
         if not 0 <= rank <= self.u.shape[1]:
             raise ValueError(f"rank {rank} outside [0, {self.u.shape[1]}]")
         if self.whitened:
-            u = self.u[:, :rank].to(torch.float64)
-            b, left = (u, u) if self.scale is None else (u / self.scale[:, None], u * self.scale[:, None])
-            a = left.T @ weight.detach().to("cpu", torch.float64)
+            # B = D⁻¹·U_r and A = (D·U_r)ᵀ·W in float64, FACTOR_ROWS output rows at a time: no float64
+            # copy of U_r or W whole (107 + 134 MB for an 8192 × 2048 gate_proj at rank 1638)
+            out = self.u.shape[0]
+            b = torch.empty(out, rank, dtype=dtype)
+            a = torch.zeros(rank, weight.shape[1], dtype=torch.float64)
+            for i in range(0, out, FACTOR_ROWS):
+                rows = slice(i, i + FACTOR_ROWS)
+                u = self.u[rows, :rank].to(torch.float64)
+                scale = None if self.scale is None else self.scale[rows, None]
+                b[rows] = u if scale is None else u / scale
+                a += (u if scale is None else u * scale).T @ weight.detach()[rows].to("cpu", torch.float64)
         else:
             # The singular values split evenly between the two factors.
             root = self.sv[:rank].sqrt()
@@ -82,7 +94,7 @@ def svd_decomposition(weight: torch.Tensor) -> Decomposition:
 
 def whitened_decomposition(
     weight: torch.Tensor,
-    gram: torch.Tensor | None = None,
+    gram: torch.Tensor | UpperPanels | None = None,
     root: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
     values_only: bool = False,
@@ -107,50 +119,83 @@ def whitened_decomposition(
     """
     if root is None and gram is None and output_gram is None:
         raise ValueError("whitened_decomposition needs a gram, its root or the output Gram")
-    w = _check_finite(weight.detach().to("cpu", dtype), "weight")
+    out, inp = weight.shape
     if scale is not None:
         scale = _check_finite(scale.to("cpu", torch.float64), "output scale")
-        if scale.shape != (w.shape[0],) or not bool((scale > 0).all()):
-            raise ValueError(f"output scale must be {w.shape[0]} positive values")
-        if w.data_ptr() == weight.data_ptr():
-            w = scale[:, None].to(dtype) * w  # w is the caller's weight itself: a new tensor
-        else:
-            w.mul_(scale[:, None].to(dtype))  # w is already a copy (cast or moved): scaled in place
-    out, inp = w.shape
+        if scale.shape != (out,) or not bool((scale > 0).all()):
+            raise ValueError(f"output scale must be {out} positive values")
     if output_gram is not None:
         if out > inp or output_gram.shape != (out, out):
             raise ValueError(f"an output Gram serves a matrix with out ≤ in, of shape ({out}, {out}); got {tuple(output_gram.shape)}")
+        _check_finite(weight.detach(), "weight")
         left = _check_finite(output_gram.to("cpu", dtype), "output Gram")
         if scale is not None:
             d = scale.to(dtype)
             left = d[:, None] * left * d[None, :]
         return _from_left_gram(left, scale, values_only, keep)
     if out <= inp and gram is not None:
-        g = _check_finite(gram.to("cpu", dtype), "Gram matrix")
-        return _from_left_gram(_sandwich(w, g), scale, values_only, keep)
+        g = gram if isinstance(gram, UpperPanels) else _check_finite(gram.to("cpu", dtype), "Gram matrix")
+        return _from_left_gram(_sandwich(weight, scale, g, dtype), scale, values_only, keep)
     if root is None:
-        root = gram_root(gram, dtype)
-    m = w @ root.to("cpu", dtype)
+        root = gram_root(gram.full() if isinstance(gram, UpperPanels) else gram, dtype)
+    root = root.to("cpu", dtype)
+    # M = D·W·S, a block of rows at a time: no whole copy of W in ``dtype`` beside it
+    m = torch.empty(out, root.shape[1], dtype=dtype)
+    for i in range(0, out, SANDWICH_ROWS):
+        rows = slice(i, i + SANDWICH_ROWS)
+        m[rows] = _scaled_weight(weight[rows], None if scale is None else scale[rows], dtype) @ root
     if out <= inp:
         return _from_left_gram(m @ m.T, scale, values_only, keep)
     right = _symmetric(m.T @ m)
     if values_only:
-        return Decomposition(_empty(out, w.dtype), _descending_root(torch.linalg.eigvalsh(right)), True, scale=scale)
+        return Decomposition(_empty(out, dtype), _descending_root(torch.linalg.eigvalsh(right)), True, scale=scale)
     eigvals, v = torch.linalg.eigh(right)
-    leading = v.flip(1)[:, :keep]
-    u, _ = torch.linalg.qr(m @ leading)  # the leading columns' QR is the full QR's leading part
+    del right
+    leading = m @ v.flip(1)[:, :keep]
+    del m, v
+    # U: the orthonormal factor of M·V's leading columns (their QR is the full QR's leading part),
+    # as geqrf then Q: the input let go before Q is made
+    reflectors, tau = torch.geqrf(leading)
+    del leading
+    u = torch.linalg.householder_product(reflectors, tau)
     return Decomposition(u, _descending_root(eigvals), whitened=True, scale=scale)
+
+
+def _scaled_weight(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """D·W in ``dtype`` on the CPU, checked finite; never the caller's tensor modified."""
+    w = _check_finite(weight.detach().to("cpu", dtype), "weight")
+    if scale is None:
+        return w
+    if w.data_ptr() == weight.data_ptr():
+        return scale[:, None].to(dtype) * w  # w is the caller's weight itself: a new tensor
+    return w.mul_(scale[:, None].to(dtype))  # w is already a copy (cast or moved): scaled in place
 
 
 SANDWICH_ROWS = 512  # rows of W·G made at a time
 
 
-def _sandwich(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """W·G·Wᵀ, made SANDWICH_ROWS rows of W·G at a time: never the whole (out, in) product (67 MB
-    for a 2048 × 8192 down_proj in float32) beside the Gram."""
-    left = torch.empty(w.shape[0], w.shape[0], dtype=w.dtype)
-    for i in range(0, w.shape[0], SANDWICH_ROWS):
-        left[i : i + SANDWICH_ROWS] = (w[i : i + SANDWICH_ROWS] @ g) @ w.T
+def _sandwich(weight: torch.Tensor, scale: torch.Tensor | None, g: torch.Tensor | UpperPanels, dtype: torch.dtype) -> torch.Tensor:
+    """D·W·G·Wᵀ·D in ``dtype``, by blocks of SANDWICH_ROWS rows of D·W, each cast and scaled when
+    used: never D·W whole in ``dtype``, nor the whole (out, in) product D·W·G (67 MB each for a
+    2048 × 8192 down_proj in float32), and only the upper blocks of the symmetric result
+    multiplied. G: the full matrix or its panels (:class:`UpperPanels`), whose full matrix is then
+    never made."""
+    out = weight.shape[0]
+    starts = range(0, out, SANDWICH_ROWS)
+
+    def rows(i: int) -> torch.Tensor:
+        part = slice(i, i + SANDWICH_ROWS)
+        return _scaled_weight(weight[part], None if scale is None else scale[part], dtype)
+
+    left = torch.empty(out, out, dtype=dtype)
+    for i in starts:
+        mine = rows(i)
+        product = (g.right_multiply(mine) if isinstance(g, UpperPanels) else mine @ g).to(dtype)
+        del mine
+        for j in starts[starts.index(i) :]:
+            block = product @ rows(j).T
+            left[i : i + SANDWICH_ROWS, j : j + SANDWICH_ROWS] = block
+            left[j : j + SANDWICH_ROWS, i : i + SANDWICH_ROWS] = block.T
     return left
 
 
