@@ -32,6 +32,7 @@ from compressor.streaming import materialized
 from compressor.targets import Target, select_targets
 
 if TYPE_CHECKING:
+    from compressor.bench import BenchResult
     from compressor.compensate import CompensateOutcome
     from compressor.evaluate import Comparison
     from compressor.factorize import FactorizeOutcome
@@ -715,3 +716,42 @@ def _source_name(spec: LoadedModel | str) -> str:
         return spec.source
     path = Path(spec).expanduser()
     return str(path.resolve()) if path.exists() else spec
+
+
+def bench(
+    model: str | None = None,
+    *,
+    shapes: str | None = None,
+    tokens: str | list[int] = "1,4,16,64",
+    target: float = 0.5,
+    new_tokens: int = 32,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "auto",
+    kernels: str = "auto",
+    rounds: int = 10,
+) -> "BenchResult":
+    """Time factored (and dense + rank-64-corrected) layers against dense, per shape ``OUTxINxR,…``
+    (default: LLaMA-3-8B's shapes at kept fractions 0.5 and 0.8, unless a MODEL is given alone), and
+    with MODEL the decode speed of the model dense and factored to ``target``. ``dtype``: bfloat16 on
+    CUDA and float32 on the CPU by default; ``kernels``: auto, triton or torch."""
+    from compressor import bench as timing
+    from compressor.kernels import use_kernels
+
+    check_target(target)
+    if new_tokens < 1:
+        raise UsageError(f"--new-tokens must be at least 1, got {new_tokens}")
+    if rounds < 1:
+        raise UsageError(f"--rounds must be at least 1, got {rounds}")
+    counts = timing.parse_tokens(tokens) if isinstance(tokens, str) else list(tokens)
+    device = resolve_device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    threads = torch.get_num_threads()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({threads} thread{'s' if threads != 1 else ''})"
+    result = timing.BenchResult(device=name, kernels=kernels)
+    with use_kernels(kernels):
+        if shapes is not None or model is None:
+            parsed = timing.parse_shapes(shapes or timing.DEFAULT_SHAPES)
+            result.shapes = timing.bench_shapes(parsed, counts, dtype, device, rounds)
+        if model is not None:
+            result.decode = timing.bench_decode(model, target, counts, new_tokens, dtype, device)
+    return result

@@ -222,3 +222,67 @@ def write_junit(path: str | Path, result) -> None:
             ET.SubElement(case, "failure", message=f"{m.name} = {m.value:.6g}, threshold {m.rule}", type="threshold")
     ET.indent(suite)
     write_text_atomically(path, ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n")
+
+
+def bench_tables(result, console: Console) -> None:
+    """Per shape and token count: times, speedup against its ceiling, the correction's cost; then decode."""
+    if result.shapes:
+        gpu = result.shapes[0].copy_gbs is not None
+        table = Table(title=f"compress bench: {result.device}, kernels {result.kernels}; µs per call, +r64: dense + rank-64 correction")
+        for name in ["OUTxINxR", "tok", "dense", "factored", *(["2 matmuls"] if gpu else []), "speedup", "ceiling", "÷ceil", "+r64",
+                     *(["η"] if gpu else [])]:
+            if name == "OUTxINxR":  # whole: the other columns' headers wrap instead
+                table.add_column(name, no_wrap=True, min_width=max(len(r.shape) for r in result.shapes))
+            else:
+                table.add_column(name, justify="right", no_wrap=True, min_width=max(len(name), 5))
+        for r in result.shapes:
+            table.add_row(
+                r.shape, str(r.tokens), f"{r.dense_us:.1f}", f"{r.factored_us:.1f}",
+                *([f"{r.two_matmul_us:.1f}"] if gpu else []),
+                f"{r.speedup:.2f}×", f"{r.ceiling:.2f}×", f"{r.efficiency:.2f}", f"{r.correction_overhead:+.0%}",
+                *([f"{r.eta('factored'):.2f}"] if gpu else []),
+            )
+        console.print(table)
+    if result.decode:
+        table = Table(title="decode (greedy, one token per sequence per step)")
+        for name in ["model", "kept", "tokens / step", "dense tok/s", "factored tok/s", "speedup"]:
+            table.add_column(name, justify="left" if name == "model" else "right")
+        for d in result.decode:
+            table.add_row(d.model, f"{d.params_factored / d.params_dense:.3f}", str(d.tokens_per_step),
+                          f"{d.dense_tokens_per_s:.1f}", f"{d.factored_tokens_per_s:.1f}", f"{d.speedup:.2f}×")
+        console.print(table)
+
+
+def bench_plot(result, path: str | Path) -> Path:
+    """Speedup over dense against the ceiling mn / (r(m + n)), one point per shape and token count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    tokens = sorted({r.tokens for r in result.shapes})
+    for t in tokens:
+        rows = [r for r in result.shapes if r.tokens == t]
+        ax.scatter([r.ceiling for r in rows], [r.speedup for r in rows], label=f"{t} token{'s' if t > 1 else ''}")
+    top = max([r.ceiling for r in result.shapes] + [r.speedup for r in result.shapes] + [1.0]) * 1.1
+    ax.plot([0, top], [0, top], "k--", lw=0.8, label="ceiling")
+    ax.plot([0, top], [0, 0.9 * top], "k:", lw=0.8, label="0.9 × ceiling")
+    ax.axhline(1.0, color="grey", lw=0.6)
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("ceiling mn / (r(m+n))")
+    ax.set_ylabel("factored speedup over dense")
+    ax.set_title(f"compress bench: {result.device}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    except OSError as e:
+        raise_output_error(e, path)
+    finally:
+        plt.close(fig)
+    return path

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from compressor.errors import InvalidInputError, NumericalError, UsageError, first_few
 from compressor.formats.atomic import atomic_dir, check_destination
+from compressor.kernels import lowrank_linear
 from compressor.targets import module_kind
 
 SERVING_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM accepts
@@ -290,7 +290,7 @@ def adding_hook(term: LowRankTerm):
         a, b = on_device[x.device]
         if not torch.is_autocast_enabled(x.device.type):  # autocast casts by itself
             x = x.to(a.dtype)
-        return output + F.linear(F.linear(x, a), b).to(output.dtype)
+        return output + lowrank_linear(x, a, b).to(output.dtype)
 
     return hook
 
