@@ -196,7 +196,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
 
 
 def _copies(nbytes: int) -> int:
-    return max(2, min(16, -(-ROTATE_BYTES // max(nbytes, 1))))
+    """Copies of a weight that fill ROTATE_BYTES (at most 64: a tiny shape's then fit in a large cache)."""
+    return max(2, min(64, -(-ROTATE_BYTES // max(nbytes, 1))))
 
 
 def bench_shape(shape: Shape, tokens: int, dtype: torch.dtype, device: torch.device, rounds: int = 10,
@@ -215,12 +216,10 @@ def bench_shape(shape: Shape, tokens: int, dtype: torch.dtype, device: torch.dev
     dense = [randn(m, n) for _ in range(copies)]
     factors = [(randn(r, n), randn(m, r)) for _ in range(copies)]
     corrections = [(randn(c, n), randn(m, c)) for _ in range(copies)]
-    out = torch.empty(tokens, m, device=device, dtype=dtype)
-
     def timed(body: Callable[[int], torch.Tensor]) -> float:
         def run_round() -> None:
             for i in range(copies):
-                out.copy_(body(i))
+                body(i)
         return _median_seconds(run_round, copies, device, rounds) * 1e6
 
     with torch.inference_mode():
@@ -253,7 +252,13 @@ def decode_tokens_per_second(model: torch.nn.Module, vocab: int, batch: int, new
     (``batch`` tokens per step), prompt processing excluded; a static KV cache on CUDA."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, prompt), generator=g).to(device)
-    kwargs = {"do_sample": False, "min_new_tokens": new_tokens, "pad_token_id": 0}
+    # eager: transformers would compile a static-cache decode by itself (CUDA graphs), which is not
+    # yet checked with the Triton kernels inside
+    from transformers import GenerationConfig
+
+    kwargs = {"do_sample": False, "pad_token_id": 0}
+    if hasattr(GenerationConfig(), "disable_compile"):
+        kwargs["disable_compile"] = True
     if device.type == "cuda":
         kwargs["cache_implementation"] = "static"
 
@@ -262,12 +267,13 @@ def decode_tokens_per_second(model: torch.nn.Module, vocab: int, batch: int, new
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         with torch.inference_mode():
-            model.generate(ids, max_new_tokens=steps, **{**kwargs, "min_new_tokens": steps})
+            model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, **kwargs)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - start
 
-    generate(2)  # warm up (kernels, autotuning, the cache)
+    generate(new_tokens + 1)  # warm up at the timed lengths (kernels, autotuning, the cache)
+    generate(1)
     per_round = []
     for _ in range(rounds):
         # the prompt and first step cost the same in both runs; their difference is the steps alone

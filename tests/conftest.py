@@ -16,6 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU, Triton's kernels run in its CPU interpreter (tests/test_kernels.py). Triton reads
+# TRITON_INTERPRET when its functions are defined, including triton.language's own, and the
+# compressor's imports bring triton in (through transformers' quantizers): set it first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # The tiny models are dominated by threading overhead, worst on a busy 2-core machine: one
 # thread is faster. Tests marked ``real`` get the default count back (see _threads).
 DEFAULT_THREADS = torch.get_num_threads()

@@ -140,13 +140,18 @@ def test_kernel_caches_are_bounded_unless_the_environment_says_otherwise(monkeyp
     assert os.environ["LRU_CACHE_CAPACITY"] == "7"
 
 
-def test_the_mmap_threshold_is_fixed_unless_the_environment_sets_it(monkeypatch):
+def test_the_mmap_threshold_is_fixed_unless_the_environment_sets_it():
+    """In a child process: mallopt would change this test process's allocator for the tests after it."""
+    import os
     import platform
+    import subprocess
+    import sys
 
-    from compressor.residency import fix_mmap_threshold
-
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
-    assert fix_mmap_threshold() is False  # the user's setting stands
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        assert fix_mmap_threshold() is True
+    code = "from compressor.residency import fix_mmap_threshold; print(fix_mmap_threshold())"
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    user = subprocess.run([sys.executable, "-c", code], env={**env, "MALLOC_MMAP_THRESHOLD_": "65536"},
+                          capture_output=True, text=True, check=True)
+    assert user.stdout.strip() == "False"  # the user's setting stands
+    fixed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert fixed.stdout.strip() == ("True" if glibc else "False")

@@ -89,3 +89,39 @@ def test_viewing_a_matrix():
     p = UpperPanels.viewing(g, 3)
     assert p.spread() is g
     torch.testing.assert_close(p.right_multiply(x), x @ g)
+
+
+@pytest.mark.parametrize("shape", [(11, 17), (17, 11), (13, 13)])
+def test_row_blocks_of_every_loop_match_dense_math(monkeypatch, shape):
+    """The blocked loops (panel updates, the sandwich's upper blocks, M = D·W·S, B and A) with
+    blocks of 2-4 rows over ragged sizes: the same factors as dense math, and the whitened error
+    of the rank-r truncation equal to the discarded Σσ²."""
+    from compressor.math import factorize as math_factorize
+
+    monkeypatch.setattr(symmetric, "PRODUCT_ROWS", 2)
+    monkeypatch.setattr(math_factorize, "SANDWICH_ROWS", 3)
+    monkeypatch.setattr(math_factorize, "FACTOR_ROWS", 4)
+    torch.manual_seed(sum(shape))
+    w = torch.randn(*shape, dtype=torch.float64)
+    x = torch.randn(40, shape[1], dtype=torch.float64)
+    scale = torch.rand(shape[0], dtype=torch.float64) + 0.5
+    panels = UpperPanels(shape[1], 3, torch.float64)
+    for rows in x.split(7):
+        panels.add_gram(rows)
+    torch.testing.assert_close(panels.full(), x.T @ x)
+    packed = whitened_decomposition(w, gram=panels, scale=scale)
+    dense = whitened_decomposition(w, gram=x.T @ x, scale=scale)
+    torch.testing.assert_close(packed.sv, dense.sv)
+    rank = min(shape) // 2
+    b, a = packed.factors(w, rank, torch.float64)
+    delta = scale[:, None] * (w - b @ a)
+    torch.testing.assert_close(float(torch.trace(delta @ (x.T @ x) @ delta.T)), packed.discarded(rank), rtol=1e-9, atol=1e-9)
+
+
+def test_non_finite_panels_are_refused():
+    from compressor.errors import NumericalError
+
+    panels = _panels(6, 2, torch.randn(5, 6, dtype=torch.float64))
+    panels.panels[1][0, 1] = float("nan")
+    with pytest.raises(NumericalError, match="Gram"):
+        whitened_decomposition(torch.randn(4, 6, dtype=torch.float64), gram=panels)

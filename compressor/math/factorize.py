@@ -134,7 +134,12 @@ def whitened_decomposition(
             left = d[:, None] * left * d[None, :]
         return _from_left_gram(left, scale, values_only, keep)
     if out <= inp and gram is not None:
-        g = gram if isinstance(gram, UpperPanels) else _check_finite(gram.to("cpu", dtype), "Gram matrix")
+        if isinstance(gram, UpperPanels):
+            if not all(all_finite(panel) for panel in gram.panels):
+                raise NumericalError("Gram matrix contains NaN or Inf")
+            g = gram
+        else:
+            g = _check_finite(gram.to("cpu", dtype), "Gram matrix")
         return _from_left_gram(_sandwich(weight, scale, g, dtype), scale, values_only, keep)
     if root is None:
         root = gram_root(gram.full() if isinstance(gram, UpperPanels) else gram, dtype)
@@ -190,7 +195,7 @@ def _sandwich(weight: torch.Tensor, scale: torch.Tensor | None, g: torch.Tensor 
     left = torch.empty(out, out, dtype=dtype)
     for i in starts:
         mine = rows(i)
-        product = (g.right_multiply(mine) if isinstance(g, UpperPanels) else mine @ g).to(dtype)
+        product = (g.right_multiply(mine, dtype) if isinstance(g, UpperPanels) else mine @ g).to(dtype)
         del mine
         for j in starts[starts.index(i) :]:
             block = product @ rows(j).T

@@ -35,7 +35,8 @@ class UpperPanels:
 
     @classmethod
     def viewing(cls, matrix: torch.Tensor, blocks: int) -> "UpperPanels":
-        """Panels that are views of the (symmetric) ``matrix``: :meth:`spread` returns it."""
+        """Panels that are views of the (symmetric) ``matrix``: :meth:`spread` returns it (unless
+        ``matrix`` is itself a view, whose panels' base is then the tensor it views)."""
         panels = cls.__new__(cls)
         panels.dim = matrix.shape[0]
         panels.width = _width(panels.dim, blocks)
@@ -84,11 +85,14 @@ class UpperPanels:
             g[a + w :, a : a + w] = self.panels[i][:, w:].T
         return g
 
-    def right_multiply(self, x: torch.Tensor) -> torch.Tensor:
-        """x·G for x of shape (r, n), in G's dtype, without the full matrix."""
-        x = x.to(self.dtype)
-        out = torch.zeros(x.shape[0], self.dim, dtype=self.dtype, device=x.device)
+    def right_multiply(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x·G for x of shape (r, n), in ``dtype`` (default G's), without the full matrix (a panel
+        at a time in ``dtype`` where it differs from G's)."""
+        dtype = dtype or self.dtype
+        x = x.to(dtype)
+        out = torch.zeros(x.shape[0], self.dim, dtype=dtype, device=x.device)
         for a, panel in zip(self.starts, self.panels):
+            panel = panel.to(dtype)
             w = panel.shape[0]
             out[:, a:] += x[:, a : a + w] @ panel  # the upper blocks of block row i
             if a + w < self.dim:  # the lower blocks of block column i: G[later rows, block i] = P_iᵀ
