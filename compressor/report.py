@@ -234,11 +234,14 @@ def bench_tables(result, console: Console) -> None:
             if name == "OUTxINxR":  # whole: the other columns' headers wrap instead
                 table.add_column(name, no_wrap=True, min_width=max(len(r.shape) for r in result.shapes))
             else:
-                table.add_column(name, justify="right", no_wrap=True, min_width=max(len(name), 5))
+                table.add_column(name, justify="right", no_wrap=True, min_width=max(len(name), 4))
+        def us(v: float) -> str:
+            return f"{v:.1f}" if v < 100 else f"{v:.0f}"
+
         for r in result.shapes:
             table.add_row(
-                r.shape, str(r.tokens), f"{r.dense_us:.1f}", f"{r.factored_us:.1f}",
-                *([f"{r.two_matmul_us:.1f}"] if gpu else []),
+                r.shape, str(r.tokens), us(r.dense_us), us(r.factored_us),
+                *([us(r.two_matmul_us)] if gpu else []),
                 f"{r.speedup:.2f}×", f"{r.ceiling:.2f}×", f"{r.efficiency:.2f}", f"{r.correction_overhead:+.0%}",
                 *([f"{r.eta('factored'):.2f}"] if gpu else []),
             )
