@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from compressor import __version__
 from compressor.errors import UsageError
 from compressor.kernels import corrected_linear, lowrank_linear, use_kernels
 
@@ -151,7 +152,8 @@ class BenchResult:
 
     def to_json(self) -> dict:
         return {
-            "tool": "compress bench",
+            "tool": f"compress {__version__}",
+            "command": "bench",
             "device": self.device,
             "kernels": self.kernels,
             "shapes": [r.to_dict() for r in self.shapes],
