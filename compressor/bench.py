@@ -218,6 +218,7 @@ def bench_shape(shape: Shape, tokens: int, dtype: torch.dtype, device: torch.dev
     dense = [randn(m, n) for _ in range(copies)]
     factors = [(randn(r, n), randn(m, r)) for _ in range(copies)]
     corrections = [(randn(c, n), randn(m, c)) for _ in range(copies)]
+
     def timed(body: Callable[[int], torch.Tensor]) -> float:
         def run_round() -> None:
             for i in range(copies):

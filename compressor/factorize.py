@@ -173,6 +173,9 @@ def _decompose_block(
     of a LLaMA-1B block's) are let go before the others' decompositions need memory of their own."""
     if grams is None:
         return {t.name: svd_decomposition(t.weight()) for t in targets}
+    # Under torchrun each process decomposes its share of the block's targets; all get every
+    # result, and each keeps them after the gathering (a spilled tensor arrives as a copy).
+    keep_now = None if distributed.active() else kept
 
     def decompose(names: list[str]) -> dict[str, Decomposition]:
         mine = sorted((t for t in targets if t.name in set(names)), key=lambda t: -grams[t.name].dim)
@@ -199,9 +202,6 @@ def _decompose_block(
                     gram.free()  # its last module is decomposed: its memory goes before the next one's work
         return found
 
-    # Under torchrun each process decomposes its share of the block's targets; all get every
-    # result, and each keeps them after the gathering (a spilled tensor arrives as a copy).
-    keep_now = None if distributed.active() else kept
     found = distributed.split_work([t.name for t in targets], decompose)
     if kept is not None and keep_now is None:
         by_name = {t.name: t for t in targets}
@@ -245,7 +245,6 @@ def decompose_all(
         decompositions.update(
             _decompose_block(step.targets, grams, scales, values_only, dtype=dtype, done=lambda t: store.unload(t.module), kept=kept)
         )
-        del grams
     return decompositions
 
 

@@ -113,15 +113,16 @@ def _spilled(inp: BlockInput, spill: Spill) -> BlockInput:
 
 
 def _advance(inputs: list[BlockInput], i: int, block_output) -> None:
-    """Make ``inputs[i]`` the next block's input (:func:`_next_input`); a spilled one's pages are
-    let go again once written."""
+    """Make ``inputs[i]`` the next block's input (:func:`_next_input`), its pages let go again
+    once written where it is spilled."""
     inputs[i] = _next_input(inputs[i], block_output)
-    if _is_file_backed(inputs[i].hidden):
-        release([inputs[i].hidden])
+    _let_go_if_spilled(inputs[i].hidden)
 
 
-def _is_file_backed(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and isinstance(t.untyped_storage().filename, str)
+def _let_go_if_spilled(hidden: torch.Tensor) -> None:
+    """Drop the resident pages of hidden states that live in a file (:func:`_spilled`)."""
+    if hidden.device.type == "cpu" and isinstance(hidden.untyped_storage().filename, str):
+        release([hidden])
 
 
 def _next_input(inp: BlockInput, block_output) -> BlockInput:
@@ -177,8 +178,8 @@ class BlockStep:
                 out = self._run(inp)
                 if block_final:
                     _advance(self.inputs, i, out)
-                elif _is_file_backed(inp.hidden):
-                    release([inp.hidden])
+                else:
+                    _let_go_if_spilled(inp.hidden)
         self._advanced = block_final
         return_free_heap()  # the forward passes' activations, before the caller decomposes
         for gram in collector.unique():

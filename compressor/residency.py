@@ -137,10 +137,11 @@ def release(tensors: Iterable[torch.Tensor]) -> int:
     return dropped
 
 
-@lru_cache(maxsize=1)
-def _malloc_trim():
+@lru_cache(maxsize=None)
+def _glibc(name: str):
+    """glibc's function ``name`` (``malloc_trim``, ``mallopt``), or None elsewhere."""
     try:
-        return ctypes.CDLL(None).malloc_trim  # glibc only
+        return getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
         return None
 
@@ -152,7 +153,7 @@ def return_free_heap() -> None:
     pass ends up holding the high-water mark of every step before it; returned after each
     block, the next block faults in what it needs afresh (~2 % of a factorize run's time).
     """
-    trim = _malloc_trim()
+    trim = _glibc("malloc_trim")
     if trim is not None:
         trim(0)
 
@@ -174,11 +175,8 @@ def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     """
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    mallopt = _glibc("mallopt")
+    return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
 
 
 KERNEL_CACHE_CAPACITY = 64  # compiled matmul kernels kept, per cache

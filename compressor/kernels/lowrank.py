@@ -58,7 +58,12 @@ def triton_available() -> bool:
         import triton  # noqa: F401
     except ImportError:
         return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    return torch.cuda.is_available() or _interpreting()
+
+
+def _interpreting() -> bool:
+    """Whether Triton runs its kernels on the CPU (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -70,7 +75,7 @@ def path_for(x: torch.Tensor, *weights: torch.Tensor | None) -> str:
     choice = backend()
     if choice == "torch":
         return "torch"
-    runnable = triton_available() and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    runnable = triton_available() and (x.is_cuda or _interpreting())
     if choice == "triton":
         if not runnable:
             raise UsageError(f"{ENV}=triton, but Triton cannot run on {x.device.type} here (install triton; "

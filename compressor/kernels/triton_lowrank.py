@@ -59,6 +59,20 @@ def _configs(shrink: bool) -> list[triton.Config]:
     ]
 
 
+@triton.jit
+def _tile_dot(x_ptr, w_ptr, rm, rn, rk, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+              UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """x[rm, rk]·W[rn, rk]ᵀ for one tile, in float32; rows and columns out of range read as 0."""
+    x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+    w = tl.load(w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk,
+                mask=(rn[None, :] < N) & (rk[:, None] < K), other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+        w = w.to(tl.float32)
+    return tl.dot(x, w, input_precision=PRECISION)
+
+
 @_autotune(_configs(shrink=True), key=["M_BUCKET", "R", "K"], reset=["t_ptr"])
 @triton.jit
 def _shrink(
@@ -78,14 +92,7 @@ def _shrink(
     k_start = pid_k * per_split
     for k0 in range(0, per_split, BLOCK_K):
         rk = k_start + k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        a = tl.load(a_ptr + rr[None, :] * stride_ar + rk[:, None] * stride_ak,
-                    mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            a = a.to(tl.float32)
-        acc += tl.dot(x, a, input_precision=PRECISION)
+        acc += _tile_dot(x_ptr, a_ptr, rm, rr, rk, M, R, K, stride_xm, stride_xk, stride_ar, stride_ak, UPCAST, PRECISION)
     tl.atomic_add(t_ptr + rm[:, None] * stride_tm + rr[None, :] * stride_tr, acc,
                   mask=(rm[:, None] < M) & (rr[None, :] < R))
 
@@ -108,14 +115,7 @@ def _expand(
     if HAS_BASE:
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                        mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-            w = tl.load(w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk,
-                        mask=(rn[None, :] < N) & (rk[:, None] < K), other=0.0)
-            if UPCAST:
-                x = x.to(tl.float32)
-                w = w.to(tl.float32)
-            acc += tl.dot(x, w, input_precision=PRECISION)
+            acc += _tile_dot(x_ptr, w_ptr, rm, rn, rk, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, UPCAST, PRECISION)
     for r0 in range(0, R, BLOCK_RANK):
         rr = r0 + tl.arange(0, BLOCK_RANK)
         t = tl.load(t_ptr + rm[:, None] * stride_tm + rr[None, :] * stride_tr,

@@ -147,8 +147,7 @@ def whitened_decomposition(
     # M = D·W·S, a block of rows at a time: no whole copy of W in ``dtype`` beside it
     m = torch.empty(out, root.shape[1], dtype=dtype)
     for i in range(0, out, SANDWICH_ROWS):
-        rows = slice(i, i + SANDWICH_ROWS)
-        m[rows] = _scaled_weight(weight[rows], None if scale is None else scale[rows], dtype) @ root
+        m[i : i + SANDWICH_ROWS] = _scaled_rows(weight, scale, i, dtype) @ root
     if out <= inp:
         return _from_left_gram(m @ m.T, scale, values_only, keep)
     right = _symmetric(m.T @ m)
@@ -176,6 +175,12 @@ def _scaled_weight(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torc
     return w.mul_(scale[:, None].to(dtype))  # w is already a copy (cast or moved): scaled in place
 
 
+def _scaled_rows(weight: torch.Tensor, scale: torch.Tensor | None, first: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``first`` to ``first`` + SANDWICH_ROWS of D·W, in ``dtype`` (:func:`_scaled_weight`)."""
+    part = slice(first, first + SANDWICH_ROWS)
+    return _scaled_weight(weight[part], None if scale is None else scale[part], dtype)
+
+
 SANDWICH_ROWS = 512  # rows of W·G made at a time
 
 
@@ -187,18 +192,13 @@ def _sandwich(weight: torch.Tensor, scale: torch.Tensor | None, g: torch.Tensor 
     never made."""
     out = weight.shape[0]
     starts = range(0, out, SANDWICH_ROWS)
-
-    def rows(i: int) -> torch.Tensor:
-        part = slice(i, i + SANDWICH_ROWS)
-        return _scaled_weight(weight[part], None if scale is None else scale[part], dtype)
-
     left = torch.empty(out, out, dtype=dtype)
     for i in starts:
-        mine = rows(i)
+        mine = _scaled_rows(weight, scale, i, dtype)
         product = (g.right_multiply(mine, dtype) if isinstance(g, UpperPanels) else mine @ g).to(dtype)
         del mine
         for j in starts[starts.index(i) :]:
-            block = product @ rows(j).T
+            block = product @ _scaled_rows(weight, scale, j, dtype).T
             left[i : i + SANDWICH_ROWS, j : j + SANDWICH_ROWS] = block
             left[j : j + SANDWICH_ROWS, i : i + SANDWICH_ROWS] = block.T
     return left
